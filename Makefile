@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv first (idempotent).
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: env demo test test-unit test-distributed test-e2e bench clean-env
+
+env:
+	@bash scripts/setup_env.sh
+
+demo: env
+	@$(PY) -m nemo_igrpo demo
+
+test:
+	@bash scripts/run_tests.sh
+
+test-unit: env
+	$(PY) -m pytest -m unit
+
+test-distributed: env
+	$(PY) -m pytest -m distributed
+
+test-e2e: env
+	$(PY) -m pytest -m e2e
+
+bench: env
+	$(PY) bench/igrpo_vs_grpo.py
+
+clean-env:
+	rm -rf .venv

@@ -1,0 +1,34 @@
+"""The contract between the actor (which runs forward passes) and the policy losses.
+
+The actor calls a loss once per micro-batch with the response tokens of that micro-batch
+flattened into 1-D tensors (only tokens whose loss mask is 1 are present, so no mask is
+needed), plus a `LossNormalizer` holding counts over the *whole* optimizer step: all
+micro-batches and all data-parallel ranks. A loss returns this micro-batch's share of the
+global loss, so summing over micro-batches and ranks gives exactly the loss of the full batch,
+however it was split (NeMo-RL normalises the same way; without it gradient accumulation
+silently changes the loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class LossInputs:
+    logprobs: torch.Tensor  # [N] current policy log-probs of the trained tokens (requires grad)
+    old_logprobs: torch.Tensor  # [N] behaviour-policy log-probs (generator's)
+    advantages: torch.Tensor  # [N] per-token advantage (the sequence's advantage, repeated)
+    seq_ids: torch.Tensor  # [N] int64, 0..num_seqs-1: which sequence of this micro-batch
+    num_seqs: int  # sequences in this micro-batch
+    ref_logprobs: Optional[torch.Tensor] = None  # [N], when the KL term is on
+
+
+@dataclass
+class LossNormalizer:
+    num_tokens: float  # trained tokens in the whole step (all micro-batches, all DP ranks)
+    num_seqs: float  # sequences in the whole step
+    max_response_length: int  # constant for seq-mean-token-sum-norm (Dr.GRPO)

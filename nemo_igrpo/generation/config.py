@@ -1,0 +1,66 @@
+"""Configuration of the generation backends (drafts, refinements, evaluation samples)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    # CPU build of vLLM: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_space_gb: int = 1
+    enable_prefix_caching: bool = True  # the G refinements share the prompt + draft prefix
+    enable_sleep_mode: bool = False  # release generator memory during training (GPU only)
+    # Sleep level used by `sleep()`: 1 offloads weights to host memory, 2 discards them (the
+    # trainer pushes fresh weights after every step anyway, so 2 saves the host copy).
+    sleep_level: int = 2
+    enforce_eager: bool = True
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"  # "auto" takes the checkpoint's dtype; "bfloat16"/"float32" force one
+    max_num_seqs: Optional[int] = None  # None: vLLM's default
+
+
+@dataclass
+class ServerConfig:
+    """A generation server speaking the OpenAI-compatible API (vllm serve, trtllm-serve)."""
+
+    url: str = "http://127.0.0.1:8000"
+    model_name: Optional[str] = None  # checked against the server's /v1/models
+    api_key_env: Optional[str] = None  # name of an environment variable; never the key itself
+    timeout_s: float = 300.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    max_concurrent_requests: int = 64
+    # How trainer weights reach the server after each step: "reload_from_dir" (a safetensors
+    # directory the server can read; works on CPU), "nccl" (GPU broadcast), or "none".
+    weight_sync: str = "reload_from_dir"
+    # Where "reload_from_dir" writes the safetensors shards; the server must be able to read it
+    # (same machine or a shared file system). None: a temporary directory on this machine.
+    weight_sync_dir: Optional[str] = None
+    # "nccl" only: the rendezvous address/port the trainer's rank 0 opens for the vLLM workers.
+    nccl_master_address: str = "127.0.0.1"
+    nccl_master_port: int = 29650
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "vllm"  # vllm | vllm_server | megatron | trtllm_server
+    temperature: float = 0.7  # paper's training temperature
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 1024
+    stop_strings: list[str] = field(default_factory=list)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    weight_sync_bucket_mb: int = 512
+    # What the generator reports as the log-prob of a sampled token. "raw_logprobs": log-softmax
+    # of the model's raw logits (temperature 1, before top-p), which is exactly what the trainer
+    # recomputes for the importance ratio. "processed_logprobs" would report the
+    # temperature-scaled, top-p-truncated distribution the token was drawn from; the trainer
+    # would then have to apply the same temperature and truncation to its logits.
+    logprobs_mode: str = "raw_logprobs"
+    # Mean exp(|logp_train - logp_gen|) above this logs a warning (NeMo-RL uses 1.05).
+    logprob_mismatch_warn: float = 1.05

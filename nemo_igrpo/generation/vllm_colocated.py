@@ -1,0 +1,286 @@
+"""An in-process vLLM engine (`vllm.LLM`) sharing the machine with the trainer.
+
+Weight sync streams full Hugging Face-named tensors into the running engine in buckets of
+`generation.weight_sync_bucket_mb`, through `collective_rpc`; nothing is written to disk. Each
+update is one vLLM "layerwise reload" session (the same lifecycle vLLM's own NCCL/IPC weight
+transfer engines use):
+
+1. begin: every layer's parameters are swapped for placeholders; its weight loaders buffer what
+   arrives,
+2. one RPC per bucket: `model.load_weights(bucket)`; a layer is re-processed (for example the
+   CPU GEMM repacking of its weights) as soon as all of its tensors have arrived, so a bucket
+   boundary may fall anywhere, even between q_proj and k_proj of one attention layer,
+3. finish: layers that received nothing keep their old weights; then the prefix cache is reset
+   so no KV block computed with the old weights is reused.
+
+Calling `model.load_weights` directly without the reload session would be wrong on CPU: vLLM
+repacks linear weights after loading and drops the original tensor, so new values would land in
+a tensor the kernels no longer read.
+
+Passing our own functions to `collective_rpc` needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (the
+callable is pickled to the engine process); the backend sets it before the engine starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, Optional
+
+import torch
+
+from nemo_igrpo.generation.common import (
+    check_generation_config,
+    check_request,
+    iter_weight_buckets,
+    normalise_finish_reason,
+)
+from nemo_igrpo.generation.config import GenerationConfig
+from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+# --- functions that run inside the vLLM worker process (first argument: the worker) ---------
+
+
+def _worker_begin_weight_update(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+    worker._nemo_igrpo_loaded_params = set()
+
+
+def _worker_load_bucket(worker, bucket) -> int:
+    from vllm.config import set_current_vllm_config
+
+    model = worker.model_runner.get_model()
+    # msgpack turns the (name, tensor) tuples into lists; load_weights wants pairs.
+    pairs = [(name, tensor) for name, tensor in bucket]
+    with set_current_vllm_config(worker.vllm_config):
+        loaded = model.load_weights(pairs)
+    if loaded:
+        worker._nemo_igrpo_loaded_params.update(loaded)
+    return len(pairs)
+
+
+def _worker_finish_weight_update(worker) -> list[str]:
+    """Close the reload session; return the engine parameters that received no new value."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    model = worker.model_runner.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    runner = worker.model_runner
+    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+        if hasattr(runner, reset):
+            getattr(runner, reset)()
+    expected = {name for name, _ in model.named_parameters()}
+    loaded = getattr(worker, "_nemo_igrpo_loaded_params", set())
+    worker._nemo_igrpo_loaded_params = set()
+    return sorted(expected - loaded)
+
+
+# --- the backend -----------------------------------------------------------------------------
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def vllm_sampling_params(params: SamplingParams, stop_strings: list[str]):
+    """Our SamplingParams -> vLLM's. logprobs=0 returns exactly the sampled token's log-prob."""
+    import vllm
+
+    return vllm.SamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_new_tokens,
+        stop_token_ids=list(params.stop_token_ids),
+        stop=list(params.stop_strings) + [s for s in stop_strings if s not in params.stop_strings] or None,
+        # The token ids always hold the whole stop string; keep the text consistent with them.
+        include_stop_str_in_output=True,
+        seed=params.seed,
+        logprobs=0,
+    )
+
+
+class VLLMColocatedBackend(GenerationBackend):
+    """`vllm.LLM` in this process (its engine core runs in a child process by default)."""
+
+    def __init__(self, model_dir: str, cfg: GenerationConfig, seed: int):
+        check_generation_config(cfg)
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"generation model directory {model_dir!r} does not exist")
+        self.cfg = cfg
+        self.model_dir = model_dir
+        # Our weight-sync functions travel to the engine process by pickle; vLLM refuses that
+        # unless this is set. It has to be in the environment before the engine process starts.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        self.on_cpu = _on_cpu()
+        if self.on_cpu:
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.vllm.cpu_kvcache_space_gb)
+            elif os.environ["VLLM_CPU_KVCACHE_SPACE"] != str(cfg.vllm.cpu_kvcache_space_gb):
+                logger.info(
+                    "VLLM_CPU_KVCACHE_SPACE=%s from the environment overrides generation.vllm.cpu_kvcache_space_gb=%s",
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                    cfg.vllm.cpu_kvcache_space_gb,
+                )
+        import vllm
+
+        engine_kwargs = dict(
+            model=model_dir,
+            tokenizer=model_dir,
+            seed=seed,
+            dtype=cfg.vllm.dtype,
+            enforce_eager=cfg.vllm.enforce_eager,
+            enable_prefix_caching=cfg.vllm.enable_prefix_caching,
+            tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+            logprobs_mode=cfg.logprobs_mode,
+            # Sleep mode needs CUDA's virtual-memory allocator; the CPU worker has none.
+            enable_sleep_mode=bool(cfg.vllm.enable_sleep_mode and not self.on_cpu),
+        )
+        if cfg.vllm.max_model_len is not None:
+            engine_kwargs["max_model_len"] = cfg.vllm.max_model_len
+        if cfg.vllm.max_num_seqs is not None:
+            engine_kwargs["max_num_seqs"] = cfg.vllm.max_num_seqs
+        started = time.perf_counter()
+        self.llm = vllm.LLM(**engine_kwargs)
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._sleeping = False
+        self._awake_tags: set[str] = set()
+        self.last_weight_sync_s: Optional[float] = None
+        logger.info("vLLM engine for %s ready in %.1f s", model_dir, time.perf_counter() - started)
+
+    # -- generation --
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+        check_request(prompts, params, self.vocab_size)
+        if self._sleeping:
+            raise RuntimeError("generate() called while the vLLM engine sleeps; call wake_up() first")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt {i}: {len(prompt)} tokens leave no room to generate within max_model_len {self.max_model_len}"
+                )
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, vllm_sampling_params(params, self.cfg.stop_strings), use_tqdm=False)
+        results: list[list[GenerationResult]] = []
+        for i, (prompt, request_output) in enumerate(zip(prompts, outputs)):
+            samples = sorted(request_output.outputs, key=lambda c: c.index)
+            if len(samples) != params.n:
+                raise RuntimeError(f"prompt {i}: vLLM returned {len(samples)} samples, expected {params.n}")
+            per_prompt = []
+            for sample in samples:
+                token_ids = list(sample.token_ids)
+                if sample.logprobs is None or len(sample.logprobs) != len(token_ids):
+                    raise RuntimeError(f"prompt {i} sample {sample.index}: vLLM returned no per-token log-probs")
+                logprobs = [float(sample.logprobs[pos][tok].logprob) for pos, tok in enumerate(token_ids)]
+                per_prompt.append(
+                    GenerationResult(
+                        prompt_token_ids=list(prompt),
+                        token_ids=token_ids,
+                        text=sample.text,
+                        logprobs=logprobs,
+                        finish_reason=normalise_finish_reason(sample.finish_reason, f"prompt {i} sample {sample.index}"),
+                    )
+                )
+            results.append(per_prompt)
+        return results
+
+    # -- weights --
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream HF-named full tensors into the engine, one bucket per RPC."""
+        if self._sleeping:
+            self._wake(tags=["weights"])  # placeholders must exist on the device to load into
+        started = time.perf_counter()
+        bucket_bytes = self.cfg.weight_sync_bucket_mb * 1024 * 1024
+        self.llm.collective_rpc(_worker_begin_weight_update)
+        num_tensors = 0
+        num_bytes = 0
+        try:
+            for bucket in iter_weight_buckets(named_tensors, bucket_bytes):
+                # The engine process receives tensors over a socket: they must be contiguous
+                # host memory. (On GPU this costs one device-to-host copy per bucket; vLLM's
+                # CUDA-IPC weight transfer engine is the zero-copy alternative, not wired here.)
+                payload = [(name, t.detach().to("cpu").contiguous()) for name, t in bucket]
+                self.llm.collective_rpc(_worker_load_bucket, args=(payload,))
+                num_tensors += len(payload)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in payload)
+        except Exception as err:
+            # Close the session so the engine is usable, but its weights are now a mix of old and
+            # new: the caller must retry the whole update before generating again.
+            try:
+                self.llm.collective_rpc(_worker_finish_weight_update)
+            finally:
+                raise RuntimeError(
+                    f"weight update failed after {num_tensors} tensors; the engine holds a mix of old "
+                    f"and new weights until update_weights() succeeds: {err}"
+                ) from err
+        missing = self.llm.collective_rpc(_worker_finish_weight_update)[0]
+        if num_tensors == 0:
+            raise ValueError("update_weights() got no tensors")
+        if missing:
+            logger.warning(
+                "weight update left %d engine parameters at their old values, e.g. %s",
+                len(missing),
+                ", ".join(missing[:5]),
+            )
+        # KV blocks cached under the old weights must not serve the next prompts.
+        self.llm.reset_prefix_cache()
+        self.last_weight_sync_s = time.perf_counter() - started
+        logger.info(
+            "weight sync: %d tensors, %.1f MB in %.2f s", num_tensors, num_bytes / 2**20, self.last_weight_sync_s
+        )
+
+    # -- memory --
+
+    def sleep(self) -> None:
+        """Free generator memory for training (GPU). At sleep_level 2 the weights are dropped:
+        call update_weights() (it wakes the weight memory itself) and then wake_up()."""
+        if self.on_cpu or not self.cfg.vllm.enable_sleep_mode:
+            logger.info("vLLM sleep skipped (%s)", "CPU engine" if self.on_cpu else "generation.vllm.enable_sleep_mode is off")
+            return
+        self.llm.sleep(level=self.cfg.vllm.sleep_level)
+        self._sleeping = True
+        self._awake_tags = set()
+
+    def _wake(self, tags: Optional[list[str]] = None) -> None:
+        self.llm.wake_up(tags=tags)
+        if tags is None:
+            self._sleeping = False
+        else:
+            self._awake_tags.update(tags)
+            if {"weights", "kv_cache"} <= self._awake_tags:
+                self._sleeping = False
+
+    def wake_up(self) -> None:
+        if not self._sleeping:
+            if self.on_cpu:
+                logger.info("vLLM wake_up skipped (CPU engine)")
+            return
+        remaining = [t for t in ("weights", "kv_cache") if t not in self._awake_tags]
+        self._wake(tags=remaining)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        self.llm = None

@@ -1,0 +1,61 @@
+"""Configuration of the Megatron policy (model, parallelism, precision, optimizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of a small Llama-style model built from scratch (tests, benchmarks).
+
+    Used only when `policy.model.hf_path` is unset.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 128
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face checkpoint directory (config.json, safetensors, tokenizer). Converted to
+    # megatron-core through megatron-bridge. Unset means: build `tiny` from scratch.
+    hf_path: Optional[str] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # "auto": TransformerEngine layer spec when TE imports, else the local spec with torch SDPA.
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1.0e-6
+    min_lr_ratio: float = 0.1  # paper: cosine decay to 0.1 x lr
+    warmup_ratio: float = 0.1  # paper: 10% of steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class PolicyConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Data parallel size is derived: world_size / (tp * pp).
+    precision: str = "fp32"  # fp32 | bf16
+    fp8: Optional[str] = None  # None | delayed | tensorwise | blockwise | mxfp8 (needs TE)
+    use_distributed_optimizer: bool = False
+    activation_recompute: Optional[str] = None  # None | selective | full
+    # Padding-free micro-batches: sequences are packed up to this many tokens per micro-batch.
+    max_tokens_per_microbatch: int = 4096
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -1,0 +1,41 @@
+"""Configuration of the reward: a weighted sum of registered reward functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class RewardTermConfig:
+    # A registered name (math_accuracy, format, judge, code_tests) or an import path
+    # "my_pkg.rewards:score" for a user function.
+    name: str = "math_accuracy"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeConfig:
+    url: str = "http://127.0.0.1:8001"
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None
+    rubric: Optional[str] = None  # None: the built-in rubric
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    max_concurrent_requests: int = 16
+    max_tokens: int = 16
+
+
+@dataclass
+class RewardConfig:
+    # Paper: accuracy + format, weight 1.0 each.
+    terms: list[RewardTermConfig] = field(
+        default_factory=lambda: [RewardTermConfig("math_accuracy", 1.0), RewardTermConfig("format", 1.0)]
+    )
+    num_workers: int = 2
+    timeout_s: float = 10.0  # per sample, per term
+    fallback_score: float = 0.0  # given to a sample whose reward raised, hung or was NaN
+    # Which term decides "correct" for metrics (fraction of correct best drafts, accuracy).
+    correctness_term: str = "math_accuracy"
+    judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's Python 3.12 environment in .venv.
+#
+# Idempotent: the environment is stamped with a hash of everything that defines it; a second
+# run with nothing changed installs nothing. A stale or broken .venv is rebuilt from scratch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+STAMP="$VENV/.nemo-igrpo-env"
+want=$(cat requirements/cpu.txt requirements/nodeps.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import nemo_igrpo' 2>/dev/null; then
+  exit 0
+fi
+start=$(date +%s)
+PY=$(bash scripts/find_python312.sh)
+echo "[setup_env] building $VENV with $PY (takes a few minutes on a fresh machine)"
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
+"${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/cpu.txt
+"${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/nodeps.txt
+"${PIP[@]}" install -q --progress-bar off --no-deps --no-build-isolation -e .
+# Fail now, not in the middle of a test run, if the set does not import together.
+"$VENV/bin/python" - <<'PY'
+import importlib
+for name in ("torch", "megatron.core", "transformers", "omegaconf", "math_verify", "vllm", "nemo_igrpo"):
+    importlib.import_module(name)
+PY
+echo "$want" > "$STAMP"
+echo "[setup_env] done in $(( $(date +%s) - start )) s; $VENV is $(du -sh "$VENV" | cut -f1)"
