@@ -13,6 +13,10 @@ class RewardTermConfig:
     name: str = "math_accuracy"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The range a valid score of this term lies in; anything outside (or NaN) is replaced by
+    # reward.fallback_score and counted, since it would silently skew advantages.
+    min_score: float = 0.0
+    max_score: float = 1.0
 
 
 @dataclass
@@ -25,6 +29,11 @@ class JudgeConfig:
     max_retries: int = 3
     max_concurrent_requests: int = 16
     max_tokens: int = 16
+    temperature: float = 0.0
+    # Sleep before retry k (k = 0, 1, ...) is retry_backoff_s * 2**k.
+    retry_backoff_s: float = 0.5
+    # Scores kept per (prompt, response), so re-scored samples cost no request.
+    cache_size: int = 100_000
 
 
 @dataclass
@@ -39,3 +48,7 @@ class RewardConfig:
     # Which term decides "correct" for metrics (fraction of correct best drafts, accuracy).
     correctness_term: str = "math_accuracy"
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # How reward worker processes start. Not "fork": the trainer holds torch/gloo threads, and a
+    # forked child can inherit a held lock. "forkserver" forks replacements (after a killed,
+    # hung sample) from a clean pre-imported server in milliseconds; "spawn" is the portable one.
+    start_method: str = "forkserver"
