@@ -87,7 +87,7 @@ def reference_loss(cfg: AlgorithmConfig, seqs, logps):
     for s, lp in zip(seqs, logps):
         n, a = len(s["old"]), s["adv"]
         if cfg.policy_loss == "gspo":
-            seq_log_ratio = sum(float(lp[t]) - float(s["old"][t]) for t in range(n)) / n
+            seq_log_ratio = sum(float(lp[t].detach()) - float(s["old"][t]) for t in range(n)) / n
         pg_terms, kl_terms = [], []
         for t in range(n):
             if cfg.policy_loss == "clipped":
@@ -209,8 +209,8 @@ def test_local_normalisation_would_not_be_invariant():
     naive = 0.0
     for micro in ([0], [1, 2, 3, 4, 5]):
         local = global_norm([seqs[i] for i in micro])
-        naive += float(loss_fn(pack(seqs, logps, micro, False), local)[0]) / 2
-    assert abs(naive - float(full)) > 1e-3
+        naive += float(loss_fn(pack(seqs, logps, micro, False), local)[0].detach()) / 2
+    assert abs(naive - float(full.detach())) > 1e-3
 
 
 # --- hand-computed values -------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_clipped_surrogate_hand_values():
     assert out.clipped_low.tolist() == [False, True, False, False, False, False]
     assert out.dual_clipped.tolist() == [False, False, True, False, False, False]
     loss, metrics = make_loss_fn(cfg)(inputs, norm)
-    assert float(loss) == pytest.approx(sum(expected) / 6, abs=1e-12)
+    assert loss.item() == pytest.approx(sum(expected) / 6, abs=1e-12)
     loss.backward()
     # d loss / d log pi = (-A rho) / 6 for tokens that are not clipped; 0 for clipped ones.
     grads = inputs.logprobs.grad.tolist()
@@ -282,7 +282,7 @@ def test_aggregation_hand_values():
     }
     for mode, value in expected.items():
         loss, _ = make_loss_fn(AlgorithmConfig(loss_aggregation=mode))(inputs, norm)
-        assert float(loss) == pytest.approx(value, abs=1e-12), mode
+        assert loss.item() == pytest.approx(value, abs=1e-12), mode
     # The paper's seq-mean-token-mean gives the lone token of seq 0 three times the weight of
     # each token of seq 1: gradient -A/(|o| G).
     loss, _ = make_loss_fn(AlgorithmConfig(loss_aggregation="seq-mean-token-mean"))(inputs, norm)
@@ -331,7 +331,7 @@ def test_beta_zero_ignores_reference():
     loss_a, metrics = make_loss_fn(AlgorithmConfig())(inputs, norm)
     inputs.ref_logprobs = torch.tensor([-50.0, 3.0], dtype=torch.float64)
     loss_b, _ = make_loss_fn(AlgorithmConfig())(inputs, norm)
-    assert float(loss_a) == float(loss_b) and "kl" not in metrics
+    assert loss_a.item() == loss_b.item() and "kl" not in metrics
 
 
 def test_float32_inputs_and_bad_shapes():
@@ -356,6 +356,6 @@ def test_policy_loss_registry_extension():
     try:
         inputs, norm = single_tokens([1.0, 1.0], [2.0, -1.0])
         loss, _ = make_loss_fn(AlgorithmConfig(policy_loss="test_reinforce", loss_aggregation="token-mean"))(inputs, norm)
-        assert float(loss) == pytest.approx((-2.0 * -1.0 + 1.0 * -1.0) / 2)
+        assert loss.item() == pytest.approx((-2.0 * -1.0 + 1.0 * -1.0) / 2)
     finally:
         del POLICY_LOSSES["test_reinforce"]
