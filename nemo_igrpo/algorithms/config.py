@@ -33,6 +33,9 @@ class DraftTemplateConfig:
     # Truncate the draft to this many tokens (at a token boundary, never mid-token) so that
     # prompt + draft + refinement fits the context; None: generation.max_new_tokens.
     max_draft_tokens: Optional[int] = None
+    # Which end of an over-long draft is cut (whole tokens only): "left" keeps the draft's end,
+    # where its final answer is; "right" keeps its beginning. Paper: not stated.
+    truncation_side: str = "left"
 
 
 @dataclass
@@ -81,5 +84,8 @@ class AlgorithmConfig:
     # next draft; and moving budget from drafts to refinements when drafts are unanimous.
     refinement_rounds: int = 1
     adaptive_draft_budget: bool = False
+    # Drafts generated first when adaptive_draft_budget is on; None: ceil(num_drafts / 2), at
+    # least 2. If they all score the same, the remaining drafts move to the refinement stage.
+    adaptive_probe_drafts: Optional[int] = None
     # Optimizer steps per rollout batch (the rollout is split into this many mini-batches).
     minibatches_per_step: int = 1
