@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"render_sbatch: error: {e}", file=sys.stderr)
         return 2
     if args.output:
+        # Slurm does not create the --output folder; a job whose log folder is missing fails silently.
+        Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(script)
         print(f"wrote {args.output}: {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, TP={plan.layout.tp} "
               f"PP={plan.layout.pp} DP={plan.layout.dp}; submit with: sbatch {args.output}", file=sys.stderr)

@@ -71,7 +71,8 @@ def build_experiment(plan: JobPlan, packager: str, ssh_host: str | None = None):
     else:
         tunnel = run.LocalTunnel(job_dir=plan.job_dir)
 
-    env = {**plan.env, **node_entry_env(plan)}
+    # nemo-run writes `export NAME=value` without quoting: quote values here.
+    env = {k: shlex.quote(v) for k, v in {**plan.env, **node_entry_env(plan)}.items()}
     executor = run.SlurmExecutor(
         account=plan.account or "",
         partition=plan.partition,
@@ -111,10 +112,18 @@ def render_dry_run(plan: JobPlan, packager: str = "none") -> str:
     import nemo_run as run
 
     script, executor = build_experiment(plan, packager)
-    with run.Experiment(plan.name, executor=executor, log_level="WARN") as exp:
-        exp.add(script, name=plan.name)
-        exp.dryrun(log=False)
-        text = exp.jobs[0]._dryrun_info.request.materialize()
+    # nemo-run's local tunnel runs shell commands through `invoke`, which reads stdin; give it an
+    # empty one so a dry run also works where stdin is closed or captured (CI, pytest).
+    saved_stdin = sys.stdin
+    try:
+        with open(os.devnull) as devnull:
+            sys.stdin = devnull
+            with run.Experiment(plan.name, executor=executor, log_level="WARN") as exp:
+                exp.add(script, name=plan.name)
+                exp.dryrun(log=False)
+                text = exp.jobs[0]._dryrun_info.request.materialize()
+    finally:
+        sys.stdin = saved_stdin
     if script.inline:
         # nemo-run stores an inline task in the job directory; show it, it is what each node runs.
         text += "\n# ---- task script (nemo-run writes it to /nemo_run/scripts/) ----\n"
