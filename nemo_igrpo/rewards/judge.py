@@ -56,7 +56,7 @@ SCORE: <number between 0 and 1>
 where 1 means fully correct and 0 means wrong."""
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
-_SCORE_LINE = re.compile(rf"score\W{{0,4}}\s*[:=]?\s*\**\s*({_NUMBER})(?:\s*/\s*({_NUMBER}))?", re.IGNORECASE)
+_SCORE_LINE = re.compile(rf"score\s*\**\s*[:=]?\s*\**\s*({_NUMBER})(?:\s*/\s*({_NUMBER}))?", re.IGNORECASE)
 _BARE_NUMBER = re.compile(rf"\s*\**\s*({_NUMBER})(?:\s*/\s*({_NUMBER}))?\s*\**\s*\.?\s*")
 
 
@@ -108,7 +108,7 @@ class JudgeResult:
     scores: list[float]  # NaN where the judge gave no usable score
     statuses: list[str]  # "ok", "cached", "timeout", "error"
     first_error: Optional[tuple[int, str]]  # (sample index, message)
-    requests: int  # HTTP requests sent, retries included
+    requests: int  # chat-completion requests sent, retries included (model discovery not counted)
 
 
 class _RetryableError(Exception):
@@ -135,6 +135,7 @@ class JudgeClient:
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrent_requests, thread_name_prefix="reward-judge")
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
         self._model: Optional[str] = cfg.model
         self._requests = 0
 
@@ -157,8 +158,9 @@ class JudgeClient:
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
-            with self._lock:
-                self._requests += 1
+            if url == self._chat_url:
+                with self._lock:
+                    self._requests += 1
             try:
                 reply = self._http.request(method, url, json=payload)
             except httpx.TimeoutException as e:
@@ -179,13 +181,18 @@ class JudgeClient:
         raise last
 
     def model(self) -> str:
-        if self._model is None:
-            listing = self._send("GET", self._models_url)
-            try:
-                self._model = str(listing["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise MalformedJudgeReply("judge server's /v1/models lists no model; set reward.judge.model") from None
+        """The configured model, or the first one the server lists (asked once)."""
+        with self._model_lock:
+            if self._model is None:
+                self._model = self._discover_model()
         return self._model
+
+    def _discover_model(self) -> str:
+        listing = self._send("GET", self._models_url)
+        try:
+            return str(listing["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise MalformedJudgeReply("judge server's /v1/models lists no model; set reward.judge.model") from None
 
     def _rubric_text(self, prompt: str, response: str, reference: Any) -> str:
         template = self.cfg.rubric or DEFAULT_RUBRIC

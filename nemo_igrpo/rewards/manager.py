@@ -48,8 +48,7 @@ logger = logging.getLogger(__name__)
 JUDGE_TERM = "judge"
 # Modules every worker needs; with forkserver they are imported once, in the server, so a
 # replacement worker (after a kill) is ready in milliseconds instead of re-importing sympy.
-_PRELOAD = ["__main__", "nemo_igrpo.rewards.math", "nemo_igrpo.rewards.format", "nemo_igrpo.rewards.code",
-            "nemo_igrpo.rewards.judge"]
+_PRELOAD = ["__main__", "nemo_igrpo.rewards._worker_preload"]
 _BOOT_TIMEOUT_S = 180.0  # a worker that is not ready by then is broken (an import hangs)
 _MAX_CONSECUTIVE_BOOT_FAILURES = 3
 _MAX_CHUNK = 16
@@ -86,6 +85,14 @@ def _worker_main(conn: multiprocessing.connection.Connection, pickled_terms: byt
         conn.send(("boot_error", f"{type(e).__name__}: {e}"))
         return
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # Optional `fn.warm_up()`: one-time set-up paid before "ready", so not against any timeout.
+    for fn, _ in terms:
+        warm_up = getattr(fn, "warm_up", None)
+        if callable(warm_up):
+            try:
+                warm_up()
+            except Exception:  # noqa: BLE001 - a failed warm-up only costs time later
+                pass
     conn.send(("ready", None))
     while True:
         try:

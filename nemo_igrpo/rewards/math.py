@@ -17,9 +17,11 @@ Two steps, both configurable through the term's kwargs:
    first because `verify` is not symmetric), which handles fractions/decimals, percent, sets,
    intervals, LaTeX variants, and units/text around the number.
 
-Bounded cost: an extracted answer longer than `max_answer_chars` scores 0.0 without parsing
-(no reference answer is that long, and sympy on a 10,000-character expression can take
-minutes); math-verify's own signal-based timeouts bound parsing and comparison
+Bounded cost: an extracted answer longer than `max_answer_chars` (1000) or with brackets
+nested deeper than `max_nesting_depth` (30) scores 0.0 without parsing (no reference answer
+looks like that, and sympy on a 10,000-character expression can take minutes); a number with
+more than 10,000 digits (\\boxed{9^{9^{9^9}}}) is recognised from the parse tree and never
+evaluated; math-verify's own signal-based timeouts bound parsing and comparison
 (`parse_timeout_s`, `verify_timeout_s`, whole seconds). Those timeouts only work in a
 process's main thread; elsewhere they are disabled and the caller must bound the time (the
 RewardManager kills a worker that overruns `reward.timeout_s`).
@@ -37,12 +39,18 @@ from typing import Any, Optional, Sequence
 
 from nemo_igrpo.rewards.registry import register_reward
 
+# Imported at module level (not lazily) so that the RewardManager's forkserver, which preloads
+# this module, hands every worker an already-imported sympy/math-verify.
+import math_verify  # noqa: E402
+from math_verify import ExprExtractionConfig, LatexExtractionConfig  # noqa: E402
+
 EXTRACTION_SOURCES = ("answer_tag", "boxed", "text")
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOXED_OPENERS = ("\\boxed{", "\\fbox{")
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+# Math already delimited: an unescaped $ ("\\$" is a currency sign), \\( \\[ or a box.
+_MATH_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed|\\fbox")
 # Only so many candidate \boxed openers are tried when the chosen one is unbalanced (a cut-off
 # response): each try scans forward, and this keeps a response full of "\boxed{" linear-ish.
 _MAX_BOXED_TRIES = 4
@@ -114,6 +122,17 @@ def extract_answer(
     return None, None
 
 
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")}]":
+            depth -= 1
+    return deepest
+
+
 def _as_plain_number(text: str) -> Optional[Decimal]:
     stripped = text.strip().strip("$").strip()
     if not _PLAIN_NUMBER.fullmatch(stripped):
@@ -140,10 +159,9 @@ def _timeouts_usable() -> bool:
 
 
 def _parse(text: str, timeout_s: Optional[int], free_text: bool = False) -> list:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    if free_text or any(d in text for d in _MATH_DELIMITERS):
+    parse = math_verify.parse
+    if free_text or _MATH_DELIMITED.search(text):
         return parse(text, extraction_config=configs, parsing_timeout=timeout_s)
     # A bare answer ("\frac{1}{2}", "[1, 2)", "50\%") is only recognised as LaTeX inside math
     # delimiters; wrapping keeps "12 apples"-style text working too (the number is found).
@@ -211,8 +229,7 @@ def answers_match(answer: str, reference: Any, *, parse_timeout_s: int = 2, veri
     ans_number, ref_number = _as_plain_number(answer), _as_plain_number(ref_text)
     if ans_number is not None and ref_number is not None:
         return ans_number == ref_number
-    from math_verify import verify
-
+    verify = math_verify.verify
     use_timeouts = _timeouts_usable()
     parse_timeout = int(parse_timeout_s) if use_timeouts else None
     gold = _parse_reference(ref_text, parse_timeout)
@@ -238,6 +255,7 @@ def math_accuracy(
     extract_from: Sequence[str] = ("answer_tag", "boxed"),
     boxed: str = "last",
     max_answer_chars: int = 1000,
+    max_nesting_depth: int = 30,
     parse_timeout_s: int = 2,
     verify_timeout_s: int = 2,
     float_rounding: int = 6,
@@ -249,8 +267,17 @@ def math_accuracy(
     answer, source = extract_answer(response, extract_from, boxed)
     if answer is None:
         return 0.0
-    if source != "text" and len(answer) > max_answer_chars:
+    if source != "text" and (len(answer) > max_answer_chars or _nesting_depth(answer) > max_nesting_depth):
         return 0.0
     matched = answers_match(answer, reference, parse_timeout_s=parse_timeout_s, verify_timeout_s=verify_timeout_s,
                             float_rounding=float_rounding, strict=strict, free_text=source == "text")
     return 1.0 if matched else 0.0
+
+
+def _warm_up() -> None:
+    # The first parse builds math-verify's regexes and the LaTeX parser (~0.5 s); doing it when
+    # a worker starts keeps that cost out of the first sample's timeout.
+    math_accuracy("", "<answer>\\frac{1}{2}</answer>", "0.5")
+
+
+math_accuracy.warm_up = _warm_up  # type: ignore[attr-defined]
