@@ -16,6 +16,8 @@ import os
 import resource
 import signal
 import sys
+import threading
+import time
 
 
 class _TestTimeout(BaseException):
@@ -137,6 +139,16 @@ def main():
             if per_test_timeout_s:
                 setitimer(ITIMER_REAL, 0)
 
+    # Watchdog: the parent kills this process at its wall-clock limit, but if the parent itself
+    # is killed first (the RewardManager abandoning a hung worker) nobody would; a sleeping
+    # solution uses no CPU time, so RLIMIT_CPU would not end it either.
+    wall_timeout_s, exit_now, sleep = float(job["wall_timeout_s"]), os._exit, time.sleep
+
+    def watchdog():
+        sleep(wall_timeout_s)
+        exit_now(124)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     sys.addaudithook(_make_audit_hook(sandbox_dir))
     # `__name__` is not "__main__" so a solution's `if __name__ == "__main__":` block (often a
     # stdin-reading driver) does not run.

@@ -144,7 +144,7 @@ def run_tests(code: str, reference: Any, *, timeout_s: float = 6.0, cpu_s: int =
     sandbox_dir = tempfile.mkdtemp(prefix="igrpo-code-")
     job = json.dumps({"nonce": nonce, "sandbox_dir": sandbox_dir, "code": code, "steps": steps,
                       "cpu_s": cpu_s, "memory_mb": memory_mb, "max_file_mb": max_file_mb,
-                      "per_test_timeout_s": per_test_timeout_s})
+                      "per_test_timeout_s": per_test_timeout_s, "wall_timeout_s": timeout_s + 1.0})
     env = {"PATH": "/usr/bin:/bin", "HOME": sandbox_dir, "TMPDIR": sandbox_dir, "LANG": "C.UTF-8"}
     try:
         # start_new_session: the sandbox gets its own process group, so a kill takes anything

@@ -23,6 +23,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import multiprocessing as mp
@@ -48,7 +49,9 @@ logger = logging.getLogger(__name__)
 JUDGE_TERM = "judge"
 # Modules every worker needs; with forkserver they are imported once, in the server, so a
 # replacement worker (after a kill) is ready in milliseconds instead of re-importing sympy.
-_PRELOAD = ["__main__", "nemo_igrpo.rewards._worker_preload"]
+# "__main__" is deliberately not preloaded: re-running the trainer's main script in the server
+# would be a hazard if it lacks a __name__ guard; user rewards live in importable modules.
+_PRELOAD = ["nemo_igrpo.rewards._worker_preload"]
 _BOOT_TIMEOUT_S = 180.0  # a worker that is not ready by then is broken (an import hangs)
 _MAX_CONSECUTIVE_BOOT_FAILURES = 3
 _MAX_CHUNK = 16
@@ -302,6 +305,13 @@ class RewardManager:
                 raise RewardConfigError(f"{key}: min_score {term.min_score} > max_score {term.max_score}")
             kwargs = dict(term.kwargs or {})
             if term.name != JUDGE_TERM:
+                # A misspelt kwarg would otherwise fail every sample, one fallback at a time.
+                try:
+                    inspect.signature(fn).bind("prompt", "response", None, **kwargs)
+                except TypeError as e:
+                    raise RewardConfigError(f"{key}.kwargs: {term.name} does not accept {sorted(kwargs)}: {e}") from None
+                except ValueError:
+                    pass  # no signature available (a builtin): checked at call time
                 try:
                     pickle.dumps((fn, kwargs))
                 except Exception as e:  # noqa: BLE001

@@ -141,3 +141,28 @@ def test_temporary_directory_is_removed():
     assert code_tests("q", fenced(leaves_files), TESTS, **LIMITS) == 1.0
     new = {d for d in set(os.listdir("/tmp")) - before if d.startswith("igrpo-code-")}
     assert not new
+
+
+def test_sandbox_does_not_outlive_a_killed_parent_beyond_its_wall_limit():
+    # The RewardManager kills a hung worker; a sleeping solution (no CPU time) must still end.
+    import subprocess
+    import sys
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "from nemo_igrpo.rewards.code import run_tests\n"
+        "run_tests('import time\\ntime.sleep(1000)\\n', ['assert True'], timeout_s=1.0, per_test_timeout_s=None)\n")])
+    try:
+        deadline = time.monotonic() + 20
+        sandboxes: list = []
+        while not sandboxes and time.monotonic() < deadline:
+            time.sleep(0.05)
+            sandboxes = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                         if any("_sandbox_runner" in part for part in p.cmdline())]
+        assert sandboxes, "the sandbox process never started"
+    finally:
+        parent.kill()
+        parent.wait()
+    gone, alive = psutil.wait_procs(sandboxes, timeout=5)
+    assert not alive, "sandbox still running after its wall-clock limit"

@@ -173,6 +173,10 @@ register_reward("test_manager_lambda")(lambda prompt, response, reference: 1.0)
         ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("test_manager_lambda")]}, "picklable"),
         ({"terms": [RewardTermConfig("math_accuracy", float("nan"))]}, r"weight: must be a finite"),
         ({"start_method": "fork"}, "'fork' is unsafe"),
+        ({"terms": [RewardTermConfig("math_accuracy", kwargs={"boxxed": "first"})]},
+         r"reward.terms\[0\].kwargs: math_accuracy does not accept \['boxxed'\]"),
+        ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("judge", kwargs={"urll": "x"})]},
+         r"reward.terms\[1\].kwargs: .*\['urll'\] are not JudgeConfig fields"),
         ({"terms": []}, "at least one"),
     ],
 )
