@@ -79,6 +79,15 @@ def request_seed(seed: int, step: int, attempt: int, stage: int, extra: int = 0)
     return int(state.generate_state(1)[0] % (2**31 - 2**20))
 
 
+def default_context_length(gen_cfg: GenerationConfig, tokenizer) -> Optional[int]:
+    if gen_cfg.vllm.max_model_len:
+        return int(gen_cfg.vllm.max_model_len)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10_000_000:
+        return limit
+    return None
+
+
 @dataclass
 class RolloutBatch:
     samples: list[TrainSample]  # refinements only, grouped: group k is the next group_sizes[k]
@@ -128,8 +137,9 @@ class IGRPORollout:
 
     problem_source(k) -> k more problems: used by dynamic sampling to refill dropped groups.
     apply_chat_template: data.apply_chat_template.
-    max_context_tokens: the model's context length (prompt + response); None: not enforced
-        beyond the token budgets (pass it whenever it is known).
+    max_context_tokens: the model's context length (prompt + response). None: take
+        generation.vllm.max_model_len when set, else the tokenizer's model_max_length when it is
+        a real limit (HF uses ~1e30 for "unknown"), else enforce only the token budgets.
     """
 
     def __init__(
@@ -161,10 +171,11 @@ class IGRPORollout:
             algo_cfg.template,
             max_prompt_tokens=gen_cfg.max_prompt_tokens,
             max_new_tokens=gen_cfg.max_new_tokens,
-            max_context_tokens=max_context_tokens,
+            max_context_tokens=max_context_tokens if max_context_tokens is not None else default_context_length(gen_cfg, tokenizer),
             apply_chat_template=apply_chat_template,
         )
         self._warned_no_source = False
+        self.max_context_tokens = self.prompts.max_context_tokens
 
     # --- public -----------------------------------------------------------------------------
 

@@ -510,3 +510,17 @@ def test_tiny_model_rollout_aligns_logprobs_and_masks_the_draft(tiny_llama_dir, 
         assert torch.all(leaf.grad[: sample.response_start - 1] == 0)
         assert all(leaf.grad[p - 1] == 0 for p in draft_positions)
         assert torch.all(leaf.grad[sample.response_start - 1 :] != 0)
+
+
+def test_draft_truncated_to_the_model_context(tok, rewards):
+    script = {(P1.prompt, "plain"): ["4", "5"], (P1.prompt, "conditioned"): ["5", "4"]}
+    cfg = algo(num_drafts=2, num_refinements=2, template=DraftTemplateConfig(system_prompt=SHORT_SYSTEM, truncation_side="left"))
+    frame = len(PromptBuilder(tok, cfg.template, max_prompt_tokens=512, max_new_tokens=64).with_draft(P1.prompt, "").token_ids)
+    context = frame + 64 + 10  # room for 10 draft tokens
+    rollout, _ = make_rollout(tok, rewards, script, cfg=cfg, max_context_tokens=context)
+    batch = rollout.run([P1], step=0)
+    assert batch.metrics["draft/truncated"] == 1 and batch.metrics["samples/unfit"] == 0
+    for s in batch.samples:
+        assert s.response_start + 64 == context
+        assert f"<draft>\n{respond('5')[-10:]}\n</draft>" in prompt_text(tok, s)  # the draft's last 10 tokens
+    assert batch.records[0]["rounds"][0]["draft_truncated"] is True
