@@ -13,6 +13,7 @@ class TinyModelConfig:
     Used only when `policy.model.hf_path` is unset.
     """
 
+    arch: str = "llama"  # llama | qwen2 (the HF architecture make_tiny_hf_model writes)
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 256
