@@ -21,7 +21,6 @@ concurrently with the worker processes that compute the other terms.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -36,8 +35,6 @@ import httpx
 
 from nemo_igrpo.rewards.config import JudgeConfig
 from nemo_igrpo.rewards.registry import register_reward
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_RUBRIC = """You are grading a solution to a problem.
 
@@ -129,6 +126,9 @@ class JudgeClient:
         api_root = base if base.endswith("/v1") else base + "/v1"
         self._chat_url, self._models_url = api_root + "/chat/completions", api_root + "/models"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Server-provided text (an error body, a reply) goes into error messages and logs; a
+        # server that echoes request headers must not leak the key through them.
+        self._redact = (lambda text: text.replace(api_key, "<api key>")) if api_key else (lambda text: text)
         # The key lives only inside the httpx client's headers; it is not kept on self.
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.timeout_s),
                                   limits=httpx.Limits(max_connections=cfg.max_concurrent_requests))
@@ -173,11 +173,11 @@ class JudgeClient:
                 last = RuntimeError(f"judge server answered HTTP {reply.status_code}")
                 continue
             if reply.status_code != 200:
-                raise RuntimeError(f"judge server answered HTTP {reply.status_code}: {reply.text[:200]}")
+                raise RuntimeError(f"judge server answered HTTP {reply.status_code}: {self._redact(reply.text)[:200]}")
             try:
                 return reply.json()
             except ValueError:
-                raise MalformedJudgeReply(f"judge server sent non-JSON body {reply.text[:120]!r}") from None
+                raise MalformedJudgeReply(f"judge server sent non-JSON body {self._redact(reply.text)[:120]!r}") from None
         raise last
 
     def model(self) -> str:
@@ -217,10 +217,11 @@ class JudgeClient:
         try:
             reply = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise MalformedJudgeReply(f"judge reply has no choices[0].message.content: {json.dumps(body)[:200]}") from None
+            raise MalformedJudgeReply(
+                f"judge reply has no choices[0].message.content: {self._redact(json.dumps(body))[:200]}") from None
         if not isinstance(reply, str):
             raise MalformedJudgeReply(f"judge reply content is {type(reply).__name__}, not text")
-        score = parse_score(reply)
+        score = parse_score(self._redact(reply))
         with self._lock:
             self._cache[key] = score
             while len(self._cache) > self.cfg.cache_size:

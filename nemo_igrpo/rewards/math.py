@@ -37,12 +37,12 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
-from nemo_igrpo.rewards.registry import register_reward
-
 # Imported at module level (not lazily) so that the RewardManager's forkserver, which preloads
 # this module, hands every worker an already-imported sympy/math-verify.
-import math_verify  # noqa: E402
-from math_verify import ExprExtractionConfig, LatexExtractionConfig  # noqa: E402
+import math_verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+from nemo_igrpo.rewards.registry import register_reward
 
 EXTRACTION_SOURCES = ("answer_tag", "boxed", "text")
 

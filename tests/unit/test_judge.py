@@ -6,7 +6,8 @@ over the graded solution text (markers choose the behaviour, so one server cover
   [[RIGHT]] -> "SCORE: 1"      [[WRONG]] -> "Score = 0/10"      [[HALF]] -> "**Score:** 0.5"
   [[MALFORMED]] -> prose without a score       [[GARBAGE]] -> a non-JSON body
   [[SLOW]] -> sleeps 5 s before answering      [[FAIL_ONCE]] -> HTTP 503 the first time
-A request with an Authorization header other than "Bearer $JUDGE_SERVER_KEY" gets HTTP 401.
+A request with an Authorization header other than "Bearer $JUDGE_SERVER_KEY" gets HTTP 401
+(the body echoes the header back).
 GET /stats returns the number of chat requests per marker and the authorization headers seen.
 """
 
@@ -66,7 +67,9 @@ def serve() -> None:
             if self.path != "/v1/chat/completions":
                 return self._send(404, b'{"error": "not found"}')
             if not self._authorized():
-                return self._send(401, b'{"error": "invalid api key"}')
+                # Echo the header back, as some real servers do: the client must redact it.
+                body = {"error": "invalid api key", "received": self.headers.get("Authorization")}
+                return self._send(401, json.dumps(body).encode())
             if request.get("model") != "tiny-judge":
                 return self._send(404, json.dumps({"error": f"model {request.get('model')} not served"}).encode())
             text = request["messages"][-1]["content"]
@@ -234,6 +237,7 @@ def test_api_key_from_env_is_sent_and_never_logged(judge_url, monkeypatch, caplo
         with JudgeClient(config(judge_url, api_key_env="IGRPO_TEST_JUDGE_KEY")) as client:
             result = client.score_batch(["p"], ["[[RIGHT]] wrong key"], [1])
         assert result.statuses == ["error"] and "HTTP 401" in result.first_error[1]
+        assert "Bearer <api key>" in result.first_error[1]  # the echoed header, redacted
         assert "sk-wrong-key-1111" not in result.first_error[1]
     assert SERVER_KEY not in caplog.text and "sk-wrong-key-1111" not in caplog.text
     monkeypatch.delenv("IGRPO_TEST_JUDGE_KEY")
