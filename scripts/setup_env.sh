@@ -17,11 +17,14 @@ echo "[setup_env] building $VENV with $PY (takes a few minutes on a fresh machin
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
-"${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/cpu.txt
-"${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/nodeps.txt
-"${PIP[@]}" install -q --progress-bar off --no-deps --no-build-isolation -e .
+# This machine's pip config lists local mirrors that may not exist; pip warns once per package
+# about them. Keep the log readable; real errors still reach stderr and stop the script.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet "${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/cpu.txt
+quiet "${PIP[@]}" install -q --progress-bar off --no-deps -r requirements/nodeps.txt
+quiet "${PIP[@]}" install -q --progress-bar off --no-deps --no-build-isolation -e .
 # Fail now, not in the middle of a test run, if the set does not import together.
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore - <<'PY'
 import importlib
 for name in ("torch", "megatron.core", "transformers", "omegaconf", "math_verify", "vllm", "nemo_igrpo"):
     importlib.import_module(name)

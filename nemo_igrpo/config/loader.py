@@ -175,22 +175,52 @@ def compose(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictConfi
     groups = _groups_declared(path)
     group_choices: dict[str, str] = {}
     value_overrides: list[_Fragment] = []
+    extra_groups: list[_Fragment] = []
     for ov in overrides:
         choice, frag = _override_fragment(ov, groups)
         if choice:
             group_choices[choice[0]] = choice[1]
+            continue
+        added = _undeclared_group(path, ov)
+        if added is not None:
+            # `algorithm=grpo` where the file's defaults do not list the group: apply the
+            # fragment after the file, before dotted overrides (as Hydra's `+group=name`).
+            extra_groups.extend(_expand(added, group_choices))
         else:
             value_overrides.append(frag)  # type: ignore[arg-type]
     cfg: DictConfig = OmegaConf.structured(IGRPOConfig)
-    for fragment in _expand(path, group_choices) + value_overrides:
+    for fragment in _expand(path, group_choices) + extra_groups + value_overrides:
         cfg = _merge(cfg, fragment)
     return cfg
+
+
+def _undeclared_group(path: Path, override: str) -> Optional[Path]:
+    """The fragment file for `group=name` when `group/` exists beside the config (or above)."""
+    key, _, name = override.partition("=")
+    key, name = key.strip(), name.strip()
+    if "." in key or not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        return None
+    schema_node = OmegaConf.select(OmegaConf.structured(IGRPOConfig), key)
+    if not isinstance(schema_node, DictConfig):
+        return None  # a plain value such as `seed=3`
+    start = path.resolve().parent
+    for d in [start, *start.parents][:5]:
+        if (d / key).is_dir():
+            return _find_fragment(d, key, name, Path(f"command-line override '{override}'"))
+        if d.name == "conf":
+            break
+    return None
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> IGRPOConfig:
     """Compose, check required values, resolve interpolations, and return typed objects."""
     cfg = compose(path, overrides)
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise ConfigError(f"{path}: cannot resolve interpolation at '{key}': {msg}") from None
     if missing:
         raise ConfigError(f"{path}: required value(s) missing: {', '.join(missing)} (set them in the file or as key=value)")
     try:

@@ -1,0 +1,390 @@
+"""The iGRPO training loop: one step = prompts -> drafts -> best draft -> refinements ->
+rewards -> advantages -> policy update -> weight sync (-> evaluation, checkpoint).
+
+Data flows one way and each module owns one step of it:
+    data.PromptSampler            which problems this step sees (resumable order)
+    algorithms.rollout            both generation stages, rewards, selection, advantages
+    policy.MegatronActor          log-probs, the update, checkpoints, HF weight export
+    generation backend            sampling, and taking the new weights after each step
+    evaluation.evaluate           single-shot held-out accuracy, as deployed
+
+Distributed layout: every rank runs the actor (TP/PP/DP come from the config and torchrun).
+Generation, rewards and logging run on global rank 0 only; the rollout's samples are broadcast
+to the other ranks, which is cheap next to generation and keeps one engine per job (a
+separate generation server, `generation.backend=vllm_server`, scales generation out instead).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from nemo_igrpo.algorithms.checkpointing import checkpoint_dir, latest_checkpoint, prune_checkpoints
+from nemo_igrpo.config.loader import save_config
+from nemo_igrpo.config.schema import IGRPOConfig
+from nemo_igrpo.utils.errors import TrainingAborted
+from nemo_igrpo.utils.metrics_log import MetricsLogger, step_summary, truncate_metrics
+
+logger = logging.getLogger("nemo_igrpo.trainer")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    last_step: int
+    resumed_from: Optional[int]
+    eval_history: list[dict] = field(default_factory=list)  # eval metrics per evaluated step
+    stopped_by_signal: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist_ready() else 0
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity on a single process)."""
+    if not _dist_ready() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj if _rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (e.g. a SIGTERM seen by one process)."""
+    if not _dist_ready() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _Timer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT (Slurm pre-emption, scancel, Ctrl-C): finish the current phase, save a
+    checkpoint, exit cleanly. A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("received %s: will save a checkpoint and stop after the current phase",
+                       signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+
+
+def _python_rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_python_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _split(seq: list, parts: int) -> list[list]:
+    size = math.ceil(len(seq) / parts)
+    return [seq[i:i + size] for i in range(0, len(seq), size)] if seq else []
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, cfg: IGRPOConfig, console=print):
+        self.cfg = cfg
+        self.console = console
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.stop = _StopFlag()
+        self.consecutive_nonfinite = 0
+        self.total_nonfinite = 0
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        from nemo_igrpo.data.datasets import PromptSampler, load_problems
+
+        # Data first: a missing field fails in a second, before any model is built.
+        self.train_problems = load_problems(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key,
+                                            split=cfg.data.split)
+        self.eval_problems = (load_problems(cfg.data.eval_path, cfg.data.prompt_key, cfg.data.answer_key,
+                                            split="test", limit=cfg.data.max_eval_samples)
+                              if cfg.data.eval_path else [])
+        self.sampler = PromptSampler(self.train_problems, cfg.data.prompts_per_step, seed=cfg.seed,
+                                     shuffle=cfg.data.shuffle)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+
+        from nemo_igrpo.policy.actor import MegatronActor
+
+        self.actor = MegatronActor(cfg.policy, seed=cfg.seed, total_steps=cfg.trainer.max_steps * cfg.algorithm.minibatches_per_step,
+                                   kl_beta=cfg.algorithm.kl_beta, cache_dir=str(self.run_dir / "model_cache"))
+        self.is_main = _rank() == 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.tokenizer = self.actor.tokenizer
+
+        from nemo_igrpo.algorithms.losses import make_loss_fn
+
+        self.loss_fn = make_loss_fn(cfg.algorithm)
+        self.backend = None
+        self.rewards = None
+        self.rollout = None
+        if self.is_main:
+            from nemo_igrpo.algorithms.rollout import IGRPORollout
+            from nemo_igrpo.algorithms.templates import PromptBuilder
+            from nemo_igrpo.generation.factory import build_generation_backend
+            from nemo_igrpo.rewards.manager import RewardManager
+
+            self.rewards = RewardManager(cfg.reward)
+            self.backend = build_generation_backend(cfg.generation, self.actor.hf_path, seed=cfg.seed, actor=self.actor)
+            self.rollout = IGRPORollout(cfg.algorithm, cfg.generation, self.backend, self.rewards, self.tokenizer, cfg.seed,
+                                        problem_source=lambda k: self.sampler.next_batch(k),
+                                        apply_chat_template=cfg.data.apply_chat_template)
+            self.eval_prompts = PromptBuilder(self.tokenizer, cfg.algorithm.template,
+                                              max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                                              max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+                                              apply_chat_template=cfg.data.apply_chat_template)
+        self.log = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, enabled=self.is_main,
+                                 config_dict=asdict(cfg))
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _save(self, step: int, reason: str) -> None:
+        extra = {"step": step, "sampler": self.sampler.state_dict(), "rng": _python_rng_state(),
+                 "nonfinite": {"consecutive": self.consecutive_nonfinite, "total": self.total_nonfinite},
+                 "reason": reason}
+        path = checkpoint_dir(self.ckpt_root, step)
+        if path.exists():
+            return  # already saved this step (e.g. periodic save, then a signal)
+        start = time.perf_counter()
+        self.actor.save_checkpoint(str(path), extra)
+        if self.is_main:
+            prune_checkpoints(self.ckpt_root, self.cfg.trainer.keep_last_k)
+            self.console(f"[igrpo] saved checkpoint {path} ({reason}, {time.perf_counter() - start:.1f} s)")
+
+    def _resume(self) -> int:
+        path = _broadcast(latest_checkpoint(self.ckpt_root) if self.is_main else None)
+        if path is None:
+            if self.is_main:
+                truncate_metrics(self.log.path, 0)  # a fresh run: drop records of an earlier try
+            return 0
+        extra = self.actor.load_checkpoint(str(path))
+        self.sampler.load_state_dict(extra["sampler"])
+        _set_python_rng_state(extra["rng"])
+        self.consecutive_nonfinite = extra["nonfinite"]["consecutive"]
+        self.total_nonfinite = extra["nonfinite"]["total"]
+        step = int(extra["step"])
+        if self.is_main:
+            truncate_metrics(self.log.path, step)
+            self.console(f"[igrpo] resuming from {path} (step {step})")
+        self._sync_weights()  # the generator starts from the initial weights: give it the checkpoint's
+        return step
+
+    # --- phases ----------------------------------------------------------------------------
+
+    def _sync_weights(self) -> float:
+        """Stream the actor's weights into the generator (collective over the actor's ranks)."""
+        start = time.perf_counter()
+        named = self.actor.export_hf_weights()
+        if self.is_main:
+            self.backend.update_weights(named)
+        else:
+            for _ in named:  # the export is collective: every rank walks it
+                pass
+        return time.perf_counter() - start
+
+    def _evaluate(self, step: int) -> dict:
+        if not self.eval_problems:
+            return {}
+        metrics = {}
+        if self.is_main:
+            from nemo_igrpo.evaluation.evaluate import evaluate
+
+            res = evaluate(self.backend, self.eval_prompts, self.rewards, self.eval_problems, self.cfg.eval,
+                           max_new_tokens=self.cfg.generation.max_new_tokens,
+                           stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name="held-out")
+            metrics = res.as_metrics("eval")
+            metrics["timing/eval_s"] = res.seconds
+        return _broadcast(metrics)
+
+    def _train_on(self, samples: list, timer: _Timer) -> dict:
+        """Recompute old log-probs with the trainer (the ratio's denominator, and the measured
+        train/inference mismatch), optional reference log-probs, then the update(s)."""
+        metrics: dict[str, float] = {}
+        with timer.phase("logprobs"):
+            train_lp = self.actor.compute_logprobs(samples)
+        gen_lp = [s.old_logprobs for s in samples]
+        if self.is_main and gen_lp and all(g is not None for g in gen_lp):
+            from nemo_igrpo.generation.common import logprob_mismatch
+
+            metrics["generation/logprob_mismatch"] = logprob_mismatch(train_lp, gen_lp,
+                                                                      warn_above=self.cfg.generation.logprob_mismatch_warn)
+        for s, lp in zip(samples, train_lp):
+            s.old_logprobs = lp
+        if self.cfg.algorithm.kl_beta > 0:
+            with timer.phase("ref_logprobs"):
+                ref = self.actor.compute_logprobs(samples, reference=True)
+            for s, lp in zip(samples, ref):
+                s.ref_logprobs = lp
+        updates = []
+        with timer.phase("update"):
+            for chunk in _split(samples, self.cfg.algorithm.minibatches_per_step):
+                updates.append(self.actor.train_step(chunk, self.loss_fn))
+        skipped = sum(u.get("skipped", 0.0) for u in updates)
+        for key in updates[-1] if updates else []:
+            vals = [u[key] for u in updates if key in u]
+            metrics[key] = float(sum(vals) / len(vals)) if key != "skipped" else float(skipped)
+        return metrics
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self._setup()
+        self.stop.install()
+        start_step = self._resume()
+        result = TrainResult(run_dir=self.run_dir, last_step=start_step, resumed_from=start_step or None)
+        try:
+            if start_step == 0:
+                ev = self._evaluate(0)
+                if ev:
+                    result.eval_history.append({"step": 0, **ev})
+                    self.log.log({"step": 0, **ev})
+                    if self.is_main:
+                        self.console(f"[igrpo] step 0 (before training): held-out accuracy {ev['eval/accuracy']:.3f}")
+            for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+                rec = self._step(step)
+                result.last_step = step
+                is_last = step == cfg.trainer.max_steps
+                if (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0) or is_last:
+                    ev = self._evaluate(step)
+                    rec.update(ev)
+                    if ev:
+                        result.eval_history.append({"step": step, **ev})
+                self.log.log(rec)
+                if self.is_main:
+                    self.console(step_summary(rec, cfg.trainer.max_steps))
+                if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
+                    self._save(step, "non-finite loss")
+                    raise TrainingAborted(
+                        f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                        f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}); the updates "
+                        f"were skipped and a checkpoint was saved at {checkpoint_dir(self.ckpt_root, step)}. "
+                        "Lower policy.optimizer.lr, check the data and rewards, or use bf16/fp32 consistently.")
+                if _all_ranks_agree(self.stop.requested):
+                    self._save(step, "signal")
+                    result.stopped_by_signal = True
+                    break
+                if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or is_last:
+                    self._save(step, "periodic" if not is_last else "final")
+            if self.is_main and not result.stopped_by_signal and result.last_step == cfg.trainer.max_steps:
+                pass
+        finally:
+            self.stop.restore()
+            self.close()
+        return result
+
+    def _step(self, step: int) -> dict:
+        timer = _Timer()
+        t0 = time.perf_counter()
+        batch = None
+        if self.is_main:
+            with timer.phase("rollout"):
+                problems = self.sampler.next_batch()
+                batch = self.rollout.run(problems, step)
+        else:
+            # Keep the sampler in lock-step so every rank's checkpoint holds the same state.
+            pass
+        batch = _broadcast(batch)
+        sampler_state = _broadcast(self.sampler.state_dict() if self.is_main else None)
+        self.sampler.load_state_dict(sampler_state)
+        rec: dict[str, Any] = {"step": step}
+        rec.update(batch.metrics)
+        if batch.samples:
+            rec.update(self._train_on(batch.samples, timer))
+        else:
+            rec["update/empty_batch"] = 1.0  # e.g. every group dropped by dynamic sampling
+        skipped = rec.get("skipped", 0.0) > 0
+        if skipped:
+            self.consecutive_nonfinite += 1
+            self.total_nonfinite += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                           self.consecutive_nonfinite)
+        else:
+            self.consecutive_nonfinite = 0
+        rec["nonfinite/total"] = float(self.total_nonfinite)
+        if not skipped and batch.samples:
+            with timer.phase("weight_sync"):
+                self._sync_weights()
+        for name, secs in timer.times.items():
+            rec[f"timing/{name}_s"] = secs
+        rec["timing/step_s"] = time.perf_counter() - t0
+        n_tokens = sum(s.response_length for s in batch.samples)
+        rec["throughput/trained_tokens_per_s"] = n_tokens / max(rec["timing/step_s"], 1e-9)
+        return rec
+
+    def close(self) -> None:
+        for closer in (getattr(self, "backend", None), getattr(self, "rewards", None), getattr(self, "log", None)):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception as e:  # closing must not hide the error that got us here
+                    logger.warning("while closing %s: %s", type(closer).__name__, e)
+
+
+def train(cfg: IGRPOConfig, console=print) -> TrainResult:
+    logging.basicConfig(level=os.environ.get("IGRPO_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Trainer(cfg, console=console).run()

@@ -1,0 +1,119 @@
+"""Warm start for the demo: a short supervised run that teaches a tiny random model the task's
+format and a *systematic mistake*, so that reinforcement learning has something to fix.
+
+The supervised labels drop the carry on a fixed fraction of the problems that have one
+(38+45 -> 73 instead of 83). The warm-started model therefore answers carry problems
+correctly only part of the time, like a real model with a blind spot; the reward (math-verify
+on the `<answer>` tag) tells right from wrong, and iGRPO must raise single-shot accuracy.
+
+Half of the supervised prompts carry a prior draft (right or wrong, chosen at random and
+independent of the label) in the same template the refinement stage uses, so the model has
+seen that prompt shape before iGRPO starts; it is not taught to use the draft.
+
+The result is cached under a key of every setting below, so `make demo` runs it once per
+machine (about a minute on two cores) and reuses it afterwards; delete the cache to rerun it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nemo_igrpo.demo.task import answer_text, problem_text, split_pairs, without_carry
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    seed: int = 0
+    num_layers: int = 4
+    hidden_size: int = 128  # 2 heads of 64: the head size vLLM's CPU attention supports
+    intermediate_size: int = 384
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 3e-3
+    carry_error_rate: float = 0.6  # fraction of carry problems labelled without the carry
+    draft_prompt_fraction: float = 0.5
+    num_eval: int = 256  # held-out problems, excluded from the supervised data
+
+
+def cache_key(cfg: WarmStartConfig, chat_prefix: str) -> str:
+    blob = json.dumps({**asdict(cfg), "template": chat_prefix, "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _label(a: int, b: int, rng: random.Random, error_rate: float) -> int:
+    has_carry = (a % 10 + b % 10) >= 10
+    if has_carry and rng.random() < error_rate:
+        return without_carry(a, b)
+    return a + b
+
+
+def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) -> Path:
+    """Train (or reuse) the warm-start model; returns its HF directory.
+
+    `build_prompt(problem, draft_or_None) -> str` renders a prompt exactly as the trainer does
+    (chat template, draft wrapper), so supervised and RL prompts match token for token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_igrpo.utils.tiny_model import make_tiny_hf_model
+
+    key = cache_key(cfg, build_prompt("1+2=", None) + "|" + build_prompt("1+2=", "d"))
+    out_dir = Path(out_root) / f"warmstart-{key}"
+    if (out_dir / "WARM_START_DONE").exists():
+        log(f"[demo] warm start: reusing cached model {out_dir}")
+        return out_dir
+    start = time.time()
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    make_tiny_hf_model(tmp_dir, arch="llama", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_attention_heads=2, num_key_value_heads=1,
+                       vocab_size=128, max_position_embeddings=512, seed=cfg.seed)
+    tok = AutoTokenizer.from_pretrained(tmp_dir)
+    model = AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32)
+    model.train()
+    train_pairs, _ = split_pairs(cfg.seed, cfg.num_eval)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
+    eos = tok.eos_token
+    for step in range(cfg.steps):
+        ids, labels = [], []
+        for _ in range(cfg.batch_size):
+            a, b = rng.choice(train_pairs)
+            draft = None
+            if rng.random() < cfg.draft_prompt_fraction:
+                draft = answer_text(a + b if rng.random() < 0.5 else without_carry(a, b))
+            prompt = tok.encode(build_prompt(problem_text(a, b), draft), add_special_tokens=False)
+            target = tok.encode(answer_text(_label(a, b, rng, cfg.carry_error_rate)) + eos, add_special_tokens=False)
+            ids.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tok.pad_token_id)
+        label_t = torch.full((len(ids), width), -100)
+        attn = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, (x, y) in enumerate(zip(ids, labels)):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            label_t[i, : len(y)] = torch.tensor(y)
+            attn[i, : len(x)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"[demo] warm start step {step + 1}/{cfg.steps}: loss {loss.item():.4f}")
+    model.save_pretrained(tmp_dir, safe_serialization=True)
+    (tmp_dir / "WARM_START_DONE").write_text(json.dumps(asdict(cfg)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
+    log(f"[demo] warm start done in {time.time() - start:.0f} s -> {out_dir}")
+    return out_dir
