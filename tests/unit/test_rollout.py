@@ -524,3 +524,14 @@ def test_draft_truncated_to_the_model_context(tok, rewards):
         assert s.response_start + 64 == context
         assert f"<draft>\n{respond('5')[-10:]}\n</draft>" in prompt_text(tok, s)  # the draft's last 10 tokens
     assert batch.records[0]["rounds"][0]["draft_truncated"] is True
+
+
+def test_algorithm_config_problems_lists_every_problem():
+    from nemo_igrpo.algorithms.validation import algorithm_config_problems
+
+    cfg = AlgorithmConfig(num_refinements=1, tie_break="last", advantage="nope", dual_clip_c=0.5,
+                          template=DraftTemplateConfig(draft_wrapper="{draft}"))
+    keys = [key for key, _ in algorithm_config_problems(cfg, gen_cfg())]
+    assert keys == ["algorithm.num_refinements", "algorithm.tie_break", "algorithm.advantage",
+                    "algorithm.dual_clip_c", "algorithm.template.draft_wrapper"]
+    assert algorithm_config_problems(AlgorithmConfig(), gen_cfg()) == []
