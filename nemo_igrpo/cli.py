@@ -32,7 +32,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from nemo_igrpo.algorithms.trainer import train
 
-    train(cfg)
+    result = train(cfg)
+    if result.stopped_by_signal:
+        # Non-zero so Slurm / nemo-run requeue the job; rerunning resumes from the checkpoint.
+        print(f"igrpo train: stopped by a signal at step {result.last_step}; checkpoint saved, rerun to resume",
+              file=sys.stderr)
+        return 143
     return 0
 
 

@@ -283,10 +283,12 @@ class Trainer:
             for chunk in _split(samples, self.cfg.algorithm.minibatches_per_step):
                 updates.append(self.actor.train_step(chunk, self.loss_fn))
         skipped = sum(u.get("skipped", 0.0) for u in updates)
+        from nemo_igrpo.algorithms.losses import finalize_loss_metrics
+
         for key in updates[-1] if updates else []:
             vals = [u[key] for u in updates if key in u]
             metrics[key] = float(sum(vals) / len(vals)) if key != "skipped" else float(skipped)
-        return metrics
+        return finalize_loss_metrics(metrics)
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -52,6 +52,10 @@ def validate_config(cfg: IGRPOConfig, source: str = "config") -> None:
 
     _choice(source, "algorithm.advantage", a.advantage, set(ADVANTAGE_ESTIMATORS))
     _choice(source, "algorithm.policy_loss", a.policy_loss, set(POLICY_LOSSES))
+    from nemo_igrpo.algorithms.validation import algorithm_config_problems
+
+    for key, msg in algorithm_config_problems(a, cfg.generation):
+        _fail(source, key, msg)
 
     p = cfg.policy
     for key in ("tensor_parallel_size", "pipeline_parallel_size"):
