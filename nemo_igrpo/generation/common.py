@@ -5,17 +5,51 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from nemo_igrpo.generation.config import GenerationConfig
+from nemo_igrpo.generation.config import GenerationConfig, VLLMConfig
 from nemo_igrpo.generation.interface import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 FINISH_REASONS = ("stop", "length")
+# How weights reach each kind of server (see docs/generation.md).
+SERVER_WEIGHT_SYNC_PATHS = {
+    "vllm_server": ("reload_from_dir", "nccl", "none"),
+    "trtllm_server": ("cuda_ipc", "none"),
+}
+
+
+def vllm_cpu_environment(cfg: VLLMConfig) -> dict[str, str]:
+    """The environment variables the CPU build of vLLM reads at engine start-up.
+
+    VLLM_CPU_KVCACHE_SPACE (GiB) sizes the KV cache; without it vLLM-cpu guesses from host
+    memory. VLLM_CPU_OMP_THREADS_BIND / VLLM_CPU_NUM_OF_RESERVED_CPU decide which cores the
+    worker's OpenMP threads are pinned to. They must be set before the engine (or `vllm serve`)
+    starts; GPU builds ignore them.
+    """
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_space_gb),
+        "VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_omp_threads_bind,
+    }
+    if cfg.cpu_reserved_cpus is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.cpu_reserved_cpus)
+    return env
+
+
+def apply_vllm_cpu_environment(cfg: VLLMConfig) -> None:
+    """Export `vllm_cpu_environment(cfg)` into this process; a value already in the environment
+    wins (an operator's explicit setting) and is logged when it differs from the config."""
+    for key, value in vllm_cpu_environment(cfg).items():
+        current = os.environ.get(key)
+        if current is None:
+            os.environ[key] = value
+        elif current != value:
+            logger.info("%s=%s from the environment overrides the config value %s", key, current, value)
 
 
 def check_generation_config(cfg: GenerationConfig) -> None:
@@ -36,11 +70,18 @@ def check_generation_config(cfg: GenerationConfig) -> None:
         raise ValueError(f"generation.server.max_retries: must be >= 0, got {cfg.server.max_retries}")
     if cfg.server.timeout_s <= 0:
         raise ValueError(f"generation.server.timeout_s: must be > 0, got {cfg.server.timeout_s}")
-    if cfg.server.weight_sync not in ("reload_from_dir", "nccl", "none"):
+    if cfg.server.connect_timeout_s <= 0:
+        raise ValueError(f"generation.server.connect_timeout_s: must be > 0, got {cfg.server.connect_timeout_s}")
+    if cfg.server.backoff_s < 0:
+        raise ValueError(f"generation.server.backoff_s: must be >= 0, got {cfg.server.backoff_s}")
+    allowed_sync = SERVER_WEIGHT_SYNC_PATHS.get(cfg.backend, SERVER_WEIGHT_SYNC_PATHS["vllm_server"])
+    if cfg.server.weight_sync not in allowed_sync:
         raise ValueError(
             f"generation.server.weight_sync: {cfg.server.weight_sync!r} is not one of "
-            "['reload_from_dir', 'nccl', 'none']"
+            f"{list(allowed_sync)} (generation.backend={cfg.backend!r})"
         )
+    if cfg.vllm.cpu_kvcache_space_gb < 1:
+        raise ValueError(f"generation.vllm.cpu_kvcache_space_gb: must be >= 1, got {cfg.vllm.cpu_kvcache_space_gb}")
 
 
 def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: Optional[int] = None) -> None:
@@ -103,6 +144,31 @@ def iter_weight_buckets(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def host_bucket(bucket: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of a bucket, keyed by name, ready for safetensors.
+
+    safetensors refuses tensors that share memory (e.g. tied embedding and LM-head weights
+    exported as views of one tensor), so a tensor whose storage was already seen is cloned.
+    On GPU this is the one device-to-host copy per bucket that HTTP/RPC transport needs.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, tensor in bucket:
+        host = tensor.detach().to("cpu").contiguous()
+        ptr = host.untyped_storage().data_ptr()
+        if ptr in seen_storages:
+            host = host.clone()
+        seen_storages.add(host.untyped_storage().data_ptr())
+        out[name] = host
+    return out
+
+
+def bucket_to_safetensors_bytes(bucket: list[tuple[str, torch.Tensor]]) -> bytes:
+    from safetensors.torch import save
+
+    return save(host_bucket(bucket))
 
 
 def _flatten_logprobs(values: Union[torch.Tensor, Sequence], what: str) -> torch.Tensor:

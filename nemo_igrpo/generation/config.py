@@ -11,6 +11,14 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5
     # CPU build of vLLM: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_space_gb: int = 1
+    # CPU build of vLLM: which cores the worker's OpenMP threads are pinned to
+    # (VLLM_CPU_OMP_THREADS_BIND). "auto": vLLM pins one thread per physical core and keeps one
+    # core for its scheduler; "nobind": no pinning, torch's default thread count (use this when
+    # the trainer shares the cores); or an explicit list such as "0-3".
+    cpu_omp_threads_bind: str = "auto"
+    # CPU build of vLLM: cores kept free of OpenMP threads (VLLM_CPU_NUM_OF_RESERVED_CPU);
+    # None: vLLM's default (one per worker).
+    cpu_reserved_cpus: Optional[int] = None
     enable_prefix_caching: bool = True  # the G refinements share the prompt + draft prefix
     enable_sleep_mode: bool = False  # release generator memory during training (GPU only)
     # Sleep level used by `sleep()`: 1 offloads weights to host memory, 2 discards them (the
@@ -35,7 +43,8 @@ class ServerConfig:
     backoff_s: float = 1.0
     max_concurrent_requests: int = 64
     # How trainer weights reach the server after each step: "reload_from_dir" (a safetensors
-    # directory the server can read; works on CPU), "nccl" (GPU broadcast), or "none".
+    # directory the server can read; works on CPU), "nccl" (GPU broadcast), "cuda_ipc"
+    # (trtllm-serve on the same node), or "none".
     weight_sync: str = "reload_from_dir"
     # Where "reload_from_dir" writes the safetensors shards; the server must be able to read it
     # (same machine or a shared file system). None: a temporary directory on this machine.
@@ -43,6 +52,12 @@ class ServerConfig:
     # "nccl" only: the rendezvous address/port the trainer's rank 0 opens for the vLLM workers.
     nccl_master_address: str = "127.0.0.1"
     nccl_master_port: int = 29650
+    # Seconds to wait for a TCP connection (separate from timeout_s, the whole-request limit),
+    # so a dead host fails fast instead of after a generation-sized timeout.
+    connect_timeout_s: float = 10.0
+    # trtllm-serve only: name of the environment variable holding the key that signs its RL
+    # control requests (/update_weights, /release_memory, /resume_memory).
+    trtllm_rl_control_key_env: Optional[str] = None
 
 
 @dataclass

