@@ -331,8 +331,11 @@ class Trainer:
                     break
                 if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or is_last:
                     self._save(step, "periodic" if not is_last else "final")
-            if self.is_main and not result.stopped_by_signal and result.last_step == cfg.trainer.max_steps:
-                pass
+            if not result.stopped_by_signal and result.last_step == cfg.trainer.max_steps and cfg.trainer.export_hf:
+                # What `igrpo eval RUN_DIR`, vLLM and transformers load (collective over ranks).
+                self.actor.save_hf(str(self.run_dir / "hf"))
+                if self.is_main:
+                    self.console(f"[igrpo] exported the trained policy to {self.run_dir / 'hf'} (Hugging Face format)")
         finally:
             self.stop.restore()
             self.close()

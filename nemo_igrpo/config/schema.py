@@ -34,6 +34,8 @@ class TrainerConfig:
     # the run with a checkpoint and a clear message.
     max_consecutive_nonfinite: int = 3
     progress_bars: bool = True
+    # Write the final policy as a Hugging Face directory (<run.dir>/hf) when the run completes.
+    export_hf: bool = True
 
 
 @dataclass
