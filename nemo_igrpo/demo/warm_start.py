@@ -29,15 +29,18 @@ from pathlib import Path
 from nemo_igrpo.demo.task import answer_text, problem_text, split_pairs, without_carry
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# conf/demo.yaml's algorithm.template.draft_wrapper: the draft first, so a refinement prompt ends
+# exactly like a plain one ("38+45=") and the tiny model's continuation context is the same.
+DEMO_DRAFT_WRAPPER = "Draft: {draft}\n{prompt}"
 
 
 @dataclass(frozen=True)
 class WarmStartConfig:
     seed: int = 0
-    num_layers: int = 4
+    num_layers: int = 3
     hidden_size: int = 128  # 2 heads of 64: the head size vLLM's CPU attention supports
-    intermediate_size: int = 384
-    steps: int = 1500
+    intermediate_size: int = 256
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
     carry_error_rate: float = 0.7  # fraction of carry problems labelled without the carry
@@ -149,9 +152,10 @@ def main() -> None:
     p.add_argument("--out", default=str(ASSETS))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    template = DraftTemplateConfig(system_prompt=None)
+    template = DraftTemplateConfig(system_prompt=None, draft_wrapper=DEMO_DRAFT_WRAPPER)
     with tempfile.TemporaryDirectory() as tmp:
-        builder = PromptBuilder(make_char_tokenizer(Path(tmp) / "tok"), template, max_prompt_tokens=160, max_new_tokens=24)
+        builder = PromptBuilder(make_char_tokenizer(Path(tmp) / "tok"), template, max_prompt_tokens=160,
+                                max_new_tokens=24, apply_chat_template=False)
 
         def render(problem, draft):
             return builder.render(problem if draft is None else fill_wrapper(template.draft_wrapper, problem, draft))
