@@ -79,11 +79,16 @@ def _all_ranks_agree(flag: bool) -> bool:
 
 
 class _Timer:
-    def __init__(self):
+    """Per-phase wall times of one step; shows the running phase on the progress bar."""
+
+    def __init__(self, bar=None):
         self.times: dict[str, float] = {}
+        self.bar = bar
 
     @contextmanager
     def phase(self, name: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=True)
         start = time.perf_counter()
         try:
             yield
@@ -146,6 +151,7 @@ class Trainer:
         self.stop = _StopFlag()
         self.consecutive_nonfinite = 0
         self.total_nonfinite = 0
+        self.bar = None
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -297,6 +303,7 @@ class Trainer:
         self._setup()
         self.stop.install()
         start_step = self._resume()
+        self._open_progress_bar(start_step)
         result = TrainResult(run_dir=self.run_dir, last_step=start_step, resumed_from=start_step or None)
         try:
             if start_step == 0:
@@ -316,6 +323,8 @@ class Trainer:
                     if ev:
                         result.eval_history.append({"step": step, **ev})
                 self.log.log(rec)
+                if self.bar is not None:
+                    self.bar.update(1)
                 if self.is_main:
                     self.console(step_summary(rec, cfg.trainer.max_steps))
                 if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
@@ -342,7 +351,7 @@ class Trainer:
         return result
 
     def _step(self, step: int) -> dict:
-        timer = _Timer()
+        timer = _Timer(self.bar)
         t0 = time.perf_counter()
         batch = None
         if self.is_main:
@@ -380,7 +389,22 @@ class Trainer:
         rec["throughput/trained_tokens_per_s"] = n_tokens / max(rec["timing/step_s"], 1e-9)
         return rec
 
+    def _open_progress_bar(self, start_step: int) -> None:
+        """One bar for the run (steps done, current phase: rollout = drafts + refinements,
+        logprobs, update, weight_sync); console lines go through it so they do not break it."""
+        self.bar = None
+        if not (self.is_main and self.cfg.trainer.progress_bars):
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.cfg.trainer.max_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, leave=False)
+        plain_console = self.console
+        self.console = lambda msg: self.bar.write(msg) if plain_console is print else plain_console(msg)
+
     def close(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
         for closer in (getattr(self, "backend", None), getattr(self, "rewards", None), getattr(self, "log", None)):
             if closer is not None:
                 try:
