@@ -31,11 +31,11 @@ def hf_token_logprobs(model, prompt: list[int], completion: list[int]) -> torch.
     return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
-def updated_model_dir(tmp_dir: Path, arch: str = "qwen2") -> Path:
+def updated_model_dir(tmp_dir: Path, arch: str = "qwen2", **kwargs) -> Path:
     """Same architecture as the conftest's tiny model, other random weights (seed 1)."""
     from helpers import tiny_hf_model
 
-    return tiny_hf_model(tmp_dir, arch=arch, seed=1)
+    return tiny_hf_model(tmp_dir, arch=arch, seed=1, **kwargs)
 
 
 def state_dict_stream(model_dir: Path):
