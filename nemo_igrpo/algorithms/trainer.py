@@ -33,7 +33,7 @@ import torch
 from nemo_igrpo.algorithms.checkpointing import checkpoint_dir, latest_checkpoint, prune_checkpoints
 from nemo_igrpo.config.loader import save_config
 from nemo_igrpo.config.schema import IGRPOConfig
-from nemo_igrpo.utils.errors import TrainingAborted
+from nemo_igrpo.utils.errors import GenerationServerError, TrainingAborted
 from nemo_igrpo.utils.metrics_log import MetricsLogger, step_summary, truncate_metrics
 
 logger = logging.getLogger("nemo_igrpo.trainer")
@@ -354,13 +354,25 @@ class Trainer:
         timer = _Timer(self.bar)
         t0 = time.perf_counter()
         batch = None
+        failure = None
         if self.is_main:
-            with timer.phase("rollout"):
-                problems = self.sampler.next_batch()
-                batch = self.rollout.run(problems, step)
-        else:
-            # Keep the sampler in lock-step so every rank's checkpoint holds the same state.
-            pass
+            before = self.sampler.state_dict()
+            try:
+                with timer.phase("rollout"):
+                    problems = self.sampler.next_batch()
+                    batch = self.rollout.run(problems, step)
+            except GenerationServerError as e:
+                # Nothing of this step has touched the policy: put the data order back so the
+                # checkpoint of the previous step resumes exactly here once the server is back.
+                self.sampler.load_state_dict(before)
+                failure = str(e)
+        failure = _broadcast(failure)
+        if failure is not None:
+            if step > 1:
+                self._save(step - 1, "generation server failure")
+            raise GenerationServerError(
+                f"step {step}: {failure}. No work was lost: the last completed step is checkpointed under "
+                f"{self.ckpt_root}; rerun the same command when the server is back to resume.")
         batch = _broadcast(batch)
         sampler_state = _broadcast(self.sampler.state_dict() if self.is_main else None)
         self.sampler.load_state_dict(sampler_state)
