@@ -158,3 +158,30 @@ def test_missing_dataset_field_names_file_and_line(tmp_path, tiny_llama_dir, dat
     proc = _run(_overrides(tiny_llama_dir, data_dir, tmp_path / "run", f"data.train_path={bad}"), timeout=120)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "line 2" in proc.stderr and "answer" in proc.stderr
+
+
+def test_eval_cli_on_run_dir(straight_run, tiny_llama_dir, data_dir, tmp_path):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "nemo_igrpo", "eval", str(DEMO_CONF),
+           f"policy.model.hf_path={tiny_llama_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
+           f"data.eval_path={data_dir / 'eval.jsonl'}", "eval.num_samples=4", "eval.pass_k=[1,2,4]",
+           "generation.max_new_tokens=12", "--checkpoint", str(straight_run), "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    _assert_ok(proc)
+    report = json.loads(out.read_text())
+    res = report["results"][0]
+    assert res["num_problems"] == 16 and res["num_samples"] == 4
+    p = {int(k): v for k, v in res["pass_at_k"].items()}
+    assert 0.0 <= p[1] <= p[2] <= p[4] <= 1.0  # pass@k is monotone in k
+    assert abs(p[1] - res["accuracy"]) < 1e-9
+    assert "pass@1 (avg)" in proc.stdout
+
+
+def test_plot_cli_overlays_runs(straight_run, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nemo_igrpo", "plot", str(straight_run), str(straight_run),
+                           "--labels", "a", "b", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    _assert_ok(proc)
+    for name in ("reward.png", "accuracy.png", "entropy.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
