@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: env demo test test-unit test-distributed test-e2e bench clean-env
+.PHONY: env demo test test-unit test-distributed test-e2e bench bench-actor bench-generation bench-scaling bench-all clean-env
 
 env:
 	@bash scripts/setup_env.sh
@@ -24,6 +24,17 @@ test-e2e: env
 
 bench: env
 	$(PY) bench/igrpo_vs_grpo.py
+
+bench-actor: env
+	$(PY) bench/actor_vs_hf.py
+
+bench-generation: env
+	$(PY) bench/generation.py
+
+bench-scaling: env
+	$(PY) bench/scaling.py
+
+bench-all: bench bench-actor bench-generation bench-scaling
 
 clean-env:
 	rm -rf .venv
