@@ -34,7 +34,7 @@ from nemo_igrpo.policy import cpu_compat
 from nemo_igrpo.policy.batch import SequenceSample, TrainSample
 from nemo_igrpo.policy.config import PolicyConfig
 from nemo_igrpo.policy.distributed import init_parallel_state
-from nemo_igrpo.policy.model import build_model, make_tiny_model_dir, tiny_model_dir
+from nemo_igrpo.policy.model import build_model, make_tiny_model_dir, tiny_model_dir, unwrap
 from nemo_igrpo.policy.packing import pack_first_fit, plan_pack, shard_over_dp
 
 LossFn = Callable[[LossInputs, LossNormalizer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -503,12 +503,19 @@ class MegatronActor:
         model_sd = {}
         for i, chunk in enumerate(self.model_chunks):
             key = "model" if len(self.model_chunks) == 1 else f"model{i}"
-            model_sd[key] = chunk.sharded_state_dict()
+            # The bare GPTModel: wrappers (DDP, Float16Module) would add a "module." prefix
+            # that their load_state_dict does not expect; the parameters are the same objects.
+            model_sd[key] = unwrap(chunk).sharded_state_dict()
         state: dict[str, Any] = dict(model_sd)
         flat_model = {}
         for v in model_sd.values():
             flat_model.update(v)
-        state["optimizer"] = self.optimizer.sharded_state_dict(flat_model, is_loading=loading)
+        # 'fully_reshardable': the distributed optimizer saves its state per model parameter
+        # (like the plain optimizer does), so a checkpoint loads under another TP/PP/DP layout;
+        # megatron's default for it ('fully_sharded_model_space') does not load in 0.19.
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            flat_model, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
         if include_rng:
             state["rng_state"] = self._rng_sharded_object()
         return state
@@ -546,7 +553,12 @@ class MegatronActor:
         state = self._sharded_state(loading=False, include_rng=True)
         state["scheduler"] = self.scheduler.state_dict()
         state["extra_state"] = extra_state
-        state["meta"] = {"format": CHECKPOINT_FORMAT, "layout": self._layout_key(), "hf_path": self.hf_path}
+        state["meta"] = {
+            "format": CHECKPOINT_FORMAT,
+            "layout": self._layout_key(),
+            "hf_path": self.hf_path,
+            "distributed_optimizer": self.cfg.use_distributed_optimizer,
+        }
         with cpu_compat.cuda_to_cpu():
             dist_checkpointing.save(state, str(tmp))
         dist.barrier()
@@ -567,14 +579,23 @@ class MegatronActor:
         meta = common.get("meta", {})
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt_dir}: not a nemo_igrpo actor checkpoint (format {meta.get('format')!r})")
+        if bool(meta.get("distributed_optimizer")) != self.cfg.use_distributed_optimizer:
+            # megatron-core stores the two optimizers' states differently (the distributed one
+            # adds fp32 main params); a checkpoint resumes only with the same optimizer kind.
+            raise ValueError(
+                f"{ckpt_dir} was saved with policy.use_distributed_optimizer={bool(meta.get('distributed_optimizer'))}; "
+                f"resume with the same setting (now {self.cfg.use_distributed_optimizer})"
+            )
         same_layout = list(meta.get("layout", [])) == self._layout_key()
         state = self._sharded_state(loading=True, include_rng=same_layout)
         with cpu_compat.cuda_to_cpu():
             loaded = dist_checkpointing.load(state, str(path))
             for i, chunk in enumerate(self.model_chunks):
                 key = "model" if len(self.model_chunks) == 1 else f"model{i}"
-                chunk.load_state_dict(loaded[key], strict=True)
+                unwrap(chunk).load_state_dict(loaded[key], strict=True)
             self.optimizer.load_state_dict(loaded["optimizer"])
+        # megatron's scheduler *adds* the saved step count to its own: start from zero.
+        self.scheduler.num_steps = 0
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             self._restore_rng(loaded["rng_state"])
