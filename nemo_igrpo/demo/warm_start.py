@@ -1,9 +1,9 @@
 """Warm start for the demo: a short supervised run that teaches a tiny random model the task's
 format and a *systematic mistake*, so that reinforcement learning has something to fix.
 
-The supervised labels drop the carry on a fixed fraction of the problems that have one
-(38+45 -> 73 instead of 83). The warm-started model therefore answers carry problems
-correctly only part of the time, like a real model with a blind spot; the reward (math-verify
+The supervised labels compare last digits instead of whole numbers on a fixed fraction of the
+problems where that matters (max(38,45) -> 38). The warm-started model therefore answers those
+problems correctly only part of the time, like a real model with a blind spot; the reward (math-verify
 on the `<answer>` tag) tells right from wrong, and iGRPO must raise single-shot accuracy.
 
 A quarter of the supervised prompts carry a prior draft (right or wrong, chosen at random and
@@ -26,11 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nemo_igrpo.demo.task import answer_text, problem_text, split_pairs, without_carry
+from nemo_igrpo.demo.task import answer_text, correct_answer, is_tricky, problem_text, split_pairs, units_digit_mistake
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # conf/demo.yaml's algorithm.template.draft_wrapper: the draft first, so a refinement prompt ends
-# exactly like a plain one ("38+45=") and the tiny model's continuation context is the same.
+# exactly like a plain one ("max(38,45)=") and the tiny model's continuation context is the same.
 DEMO_DRAFT_WRAPPER = "Draft: {draft}\n{prompt}"
 
 
@@ -40,24 +40,23 @@ class WarmStartConfig:
     num_layers: int = 3
     hidden_size: int = 128  # 2 heads of 64: the head size vLLM's CPU attention supports
     intermediate_size: int = 256
-    steps: int = 2000
+    steps: int = 1200
     batch_size: int = 32
-    lr: float = 3e-3
-    carry_error_rate: float = 0.7  # fraction of carry problems labelled without the carry
+    lr: float = 1e-3
+    mistake_rate: float = 0.7  # fraction of tricky problems labelled with the last-digit mistake
     draft_prompt_fraction: float = 0.25
     num_eval: int = 256  # held-out problems, excluded from the supervised data
 
 
 def cache_key(cfg: WarmStartConfig, chat_prefix: str) -> str:
-    blob = json.dumps({**asdict(cfg), "template": chat_prefix, "version": 1}, sort_keys=True)
+    blob = json.dumps({**asdict(cfg), "template": chat_prefix, "task": "max", "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _label(a: int, b: int, rng: random.Random, error_rate: float) -> int:
-    has_carry = (a % 10 + b % 10) >= 10
-    if has_carry and rng.random() < error_rate:
-        return without_carry(a, b)
-    return a + b
+    if is_tricky(a, b) and rng.random() < error_rate:
+        return units_digit_mistake(a, b)
+    return correct_answer(a, b)
 
 
 def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) -> Path:
@@ -71,7 +70,7 @@ def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) ->
 
     from nemo_igrpo.utils.tiny_model import make_tiny_hf_model
 
-    key = cache_key(cfg, build_prompt("1+2=", None) + "|" + build_prompt("1+2=", "d"))
+    key = cache_key(cfg, build_prompt("max(1,2)=", None) + "|" + build_prompt("max(1,2)=", "d"))
     out_dir = Path(out_root) / f"warmstart-{key}"
     if (out_dir / "WARM_START_DONE").exists():
         log(f"[demo] warm start: reusing cached model {out_dir}")
@@ -105,9 +104,9 @@ def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) ->
             a, b = rng.choice(train_pairs)
             draft = None
             if rng.random() < cfg.draft_prompt_fraction:
-                draft = answer_text(a + b if rng.random() < 0.5 else without_carry(a, b))
+                draft = answer_text(correct_answer(a, b) if rng.random() < 0.5 else units_digit_mistake(a, b))
             prompt = tok.encode(build_prompt(problem_text(a, b), draft), add_special_tokens=False)
-            target = tok.encode(answer_text(_label(a, b, rng, cfg.carry_error_rate)) + eos, add_special_tokens=False)
+            target = tok.encode(answer_text(_label(a, b, rng, cfg.mistake_rate)) + eos, add_special_tokens=False)
             ids.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
         width = max(map(len, ids))

@@ -42,6 +42,7 @@ def _overrides(model_dir: Path, data_dir: Path, run_dir: Path, *extra: str) -> l
             f"data.eval_path={data_dir / 'eval.jsonl'}", f"run.dir={run_dir}", "data.prompts_per_step=4",
             "algorithm.num_drafts=2", "algorithm.num_refinements=2", "generation.max_new_tokens=12",
             "trainer.eval_every=0", "eval.num_samples=1", "policy.optimizer.lr=1e-3", "logging.tensorboard=true",
+            "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
             *extra]
 
 
@@ -50,7 +51,9 @@ def _train_cmd(overrides: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # PYTHONPATH: the user-defined reward module of these tests (tests/e2e/e2e_rewards.py).
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
 
 
 def _run(overrides: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
@@ -86,6 +89,7 @@ def test_igrpo_run_directory_and_metrics(straight_run):
             assert key in m[step], f"step {step} lacks {key}"
             assert math.isfinite(float(m[step][key])), f"step {step}: {key}={m[step][key]}"
         assert m[step]["skipped"] == 0.0
+        assert m[step]["grad_norm"] > 0  # the user reward varies, so the update is real
         # vLLM's sampled-token log-probs agree with the trainer's recomputation after each sync.
         assert m[step]["generation/logprob_mismatch"] < 1.05
     assert (straight_run / "config.yaml").exists()
