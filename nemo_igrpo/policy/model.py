@@ -151,7 +151,14 @@ def build_model(
         raise ValueError(f"policy.activation_recompute: {cfg.activation_recompute!r} is not one of null, selective, full")
 
     bridge_mod = cpu_compat.import_megatron_bridge()
-    bridge = bridge_mod.AutoBridge.from_hf_pretrained(str(hf_dir))
+    if load_weights:
+        bridge = bridge_mod.AutoBridge.from_hf_pretrained(str(hf_dir))
+    else:
+        # Structure only (the weights come from a Megatron checkpoint): the directory needs a
+        # config.json but no safetensors (e.g. a checkpoint's hf_template/).
+        from transformers import AutoConfig
+
+        bridge = bridge_mod.AutoBridge.from_hf_config(AutoConfig.from_pretrained(str(hf_dir)))
     provider = bridge.to_megatron_provider(load_weights=load_weights)
     provider.tensor_model_parallel_size = cfg.tensor_parallel_size
     provider.pipeline_model_parallel_size = cfg.pipeline_parallel_size

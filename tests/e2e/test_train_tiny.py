@@ -89,9 +89,10 @@ def test_igrpo_run_directory_and_metrics(straight_run):
             assert key in m[step], f"step {step} lacks {key}"
             assert math.isfinite(float(m[step][key])), f"step {step}: {key}={m[step][key]}"
         assert m[step]["skipped"] == 0.0
-        assert m[step]["grad_norm"] > 0  # the user reward varies, so the update is real
         # vLLM's sampled-token log-probs agree with the trainer's recomputation after each sync.
         assert m[step]["generation/logprob_mismatch"] < 1.05
+    # The user reward varies between samples, so some updates are real (not all-zero advantages).
+    assert any(m[s]["grad_norm"] > 0 for s in (1, 2, 3, 4))
     assert (straight_run / "config.yaml").exists()
     assert list((straight_run / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (straight_run / "checkpoints").iterdir())
