@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, warm start and RL run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the iGRPO run (data order, sampling); the warm start "
+                   "and the train/held-out split are fixed (seed 0) so that every seed starts from the same model")
     p.add_argument("--config", default=str(REPO / "conf" / "demo.yaml"), help="demo config (default: conf/demo.yaml)")
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "demo"), help="where the warm-start model is cached")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the RL run, e.g. trainer.max_steps=20")
@@ -49,10 +50,11 @@ def run_demo(args) -> int:
     from nemo_igrpo.utils.plotting import plot_runs
 
     t0 = time.time()
-    ws_cfg = WarmStartConfig(seed=args.seed)
+    ws_cfg = WarmStartConfig()
     cache = Path(args.cache_dir)
-    data_dir = cache / f"data-seed{args.seed}"
-    train_path, eval_path = write_demo_data(data_dir, seed=args.seed, num_eval=ws_cfg.num_eval)
+    data_dir = cache / f"data-split{ws_cfg.seed}"
+    # The held-out problems are the ones the warm start never saw (same split seed).
+    train_path, eval_path = write_demo_data(data_dir, seed=ws_cfg.seed, num_eval=ws_cfg.num_eval)
     placeholders = [f"seed={args.seed}", "policy.model.hf_path=__warm_start__",
                     f"data.train_path={train_path}", f"data.eval_path={eval_path}"]
     # Load once with a placeholder model path to validate the config and user overrides
