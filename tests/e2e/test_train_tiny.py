@@ -56,7 +56,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
 
 
-def _run(overrides: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+def _run(overrides: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(_train_cmd(overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     return proc
 
@@ -119,13 +119,13 @@ def test_resume_after_sigterm_matches_straight_run(straight_run, tiny_llama_dir,
     proc = subprocess.Popen(_train_cmd(ov), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics_path = run_dir / "metrics.jsonl"
-    deadline = time.time() + 400
+    deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
         if metrics_path.exists() and any(json.loads(l).get("step", 0) >= 1 for l in metrics_path.read_text().splitlines() if l.strip()):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)  # as Slurm does before pre-emption
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 143, out[-4000:]
     saved = sorted((run_dir / "checkpoints").glob("step_*"))
     assert saved, out[-3000:]
@@ -171,7 +171,7 @@ def test_eval_cli_on_run_dir(straight_run, tiny_llama_dir, data_dir, tmp_path):
            f"policy.model.hf_path={tiny_llama_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
            f"data.eval_path={data_dir / 'eval.jsonl'}", "eval.num_samples=4", "eval.pass_k=[1,2,4]",
            "generation.max_new_tokens=12", "--checkpoint", str(straight_run), "--output", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     _assert_ok(proc)
     report = json.loads(out.read_text())
     res = report["results"][0]
