@@ -287,7 +287,8 @@ class Trainer:
         updates = []
         with timer.phase("update"):
             for chunk in _split(samples, self.cfg.algorithm.minibatches_per_step):
-                updates.append(self.actor.train_step(chunk, self.loss_fn))
+                updates.append(self.actor.train_step(chunk, self.loss_fn,
+                                                     max_response_length=self.cfg.generation.max_new_tokens))
         skipped = sum(u.get("skipped", 0.0) for u in updates)
         from nemo_igrpo.algorithms.losses import finalize_loss_metrics
 

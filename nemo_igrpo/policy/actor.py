@@ -358,11 +358,19 @@ class MegatronActor:
         flat = flat.cpu()
         return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(samples))]
 
-    def train_step(self, samples: list[TrainSample], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over `samples` (identical on every rank)."""
+    def train_step(self, samples: list[TrainSample], loss_fn: LossFn,
+                   max_response_length: Optional[int] = None) -> dict[str, float]:
+        """One optimizer step over `samples` (identical on every rank).
+
+        max_response_length: the constant of the seq-mean-token-sum-norm (Dr.GRPO) aggregation;
+        the trainer passes generation.max_new_tokens so the step size does not drift with the
+        longest response of each batch. None: the longest response in `samples`.
+        """
         self._validate(samples, "train_step")
         mbs = self._micro_batches(samples, train=True)
         norm = self._normalizer(samples)
+        if max_response_length is not None:
+            norm.max_response_length = max(int(max_response_length), norm.max_response_length)
 
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
