@@ -12,7 +12,7 @@ seen that prompt shape before iGRPO starts; it is not taught to use the draft.
 
 The result is cached under a key of every setting below. Training it takes tens of minutes on two
 CPU cores, so the repository ships the result of
-`python -m nemo_igrpo.demo.warm_start` (nemo_igrpo/demo/assets/warmstart-<key>/, 3.4 MB) and
+`python -m nemo_igrpo.demo.warm_start` (nemo_igrpo/demo/assets/warmstart-<key>/, 1.9 MB) and
 the demo copies it when its key matches these settings; with other settings, or with the
 asset deleted, the demo trains it here (slow but identical code).
 """
