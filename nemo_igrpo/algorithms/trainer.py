@@ -271,6 +271,11 @@ class Trainer:
         metrics: dict[str, float] = {}
         with timer.phase("logprobs"):
             train_lp = self.actor.compute_logprobs(samples)
+        if not all(bool(torch.isfinite(lp).all()) for lp in train_lp):
+            # The policy itself has gone non-finite (e.g. a diverged update): there is nothing
+            # sound to train on. Count it with the other non-finite steps and skip the update.
+            logger.warning("non-finite log-probs from the policy; skipping this step's update")
+            return {"skipped": 1.0, "nonfinite/logprobs": 1.0}
         gen_lp = [s.old_logprobs for s in samples]
         if self.is_main and gen_lp and all(g is not None for g in gen_lp):
             from nemo_igrpo.generation.common import logprob_mismatch
