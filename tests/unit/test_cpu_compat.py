@@ -15,6 +15,11 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is in
 def compat():
     if torch.cuda.is_available():
         pytest.skip("the layer is inert when CUDA exists")
+    # Another test in this process (an in-process actor) may have left the layer on: start from
+    # the unpatched state so "the originals" are torch's own functions, and put it back after.
+    was_enabled = cpu_compat.is_enabled()
+    if was_enabled:
+        cpu_compat.disable()
     originals = {name: getattr(torch.cuda, name) for name in ("current_device", "get_rng_state", "synchronize", "Stream")}
     assert cpu_compat.enable() is True
     yield
@@ -22,6 +27,8 @@ def compat():
     for name, fn in originals.items():
         assert getattr(torch.cuda, name) is fn, f"disable() did not restore torch.cuda.{name}"
     assert not cpu_compat.is_enabled()
+    if was_enabled:
+        cpu_compat.enable()
 
 
 def test_enable_is_idempotent_and_disable_restores(compat):
