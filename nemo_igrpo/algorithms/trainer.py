@@ -280,6 +280,15 @@ class Trainer:
         if self.is_main and gen_lp and all(g is not None for g in gen_lp):
             from nemo_igrpo.generation.common import logprob_mismatch
 
+            if not all(bool(torch.isfinite(torch.as_tensor(g)).all()) for g in gen_lp):
+                # The generator's weights went non-finite before the trainer's did (it got the
+                # last update): report it; the trainer's own log-probs are what the loss uses.
+                logger.warning("the generator returned non-finite log-probs; mismatch not measured this step")
+                metrics["generation/nonfinite_logprobs"] = 1.0
+                gen_lp = []
+        if self.is_main and gen_lp and all(g is not None for g in gen_lp):
+            from nemo_igrpo.generation.common import logprob_mismatch
+
             metrics["generation/logprob_mismatch"] = logprob_mismatch(train_lp, gen_lp,
                                                                       warn_above=self.cfg.generation.logprob_mismatch_warn)
         for s, lp in zip(samples, train_lp):

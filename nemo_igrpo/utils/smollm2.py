@@ -40,7 +40,15 @@ def materialize_smollm2(out_dir: str | Path, dtype: str = "float32") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=getattr(torch, dtype))
-    model.save_pretrained(tmp, safe_serialization=True)
+    # transformers will not save a GGUF-loaded model (it stays marked as quantized although its
+    # weights are dequantised): copy the weights into a plain model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config).to(getattr(torch, dtype))
+    plain.load_state_dict(model.state_dict())
+    del model
+    plain.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "SMOLLM2_DONE").write_text(str(src))
     shutil.rmtree(out, ignore_errors=True)
