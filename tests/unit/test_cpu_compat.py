@@ -38,8 +38,20 @@ def test_enable_is_idempotent_and_disable_restores(compat):
     assert torch.cuda.current_device() == torch.device("cpu")
 
 
+@pytest.fixture
+def layer_off():
+    """The layer switched off for one test, and put back as it was (an in-process actor in an
+    earlier test of this process may have left it on)."""
+    was_enabled = cpu_compat.is_enabled()
+    if was_enabled:
+        cpu_compat.disable()
+    yield
+    if was_enabled:
+        cpu_compat.enable()
+
+
 @cpu_only
-def test_disabled_layer_leaves_cuda_calls_failing():
+def test_disabled_layer_leaves_cuda_calls_failing(layer_off):
     # Without the layer a CPU-only machine cannot run these: this is what the layer fixes.
     assert not cpu_compat.is_enabled()
     with pytest.raises((RuntimeError, AssertionError)):
