@@ -15,7 +15,6 @@ separate generation server, `generation.backend=vllm_server`, scales generation 
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -280,17 +279,14 @@ class Trainer:
         if self.is_main and gen_lp and all(g is not None for g in gen_lp):
             from nemo_igrpo.generation.common import logprob_mismatch
 
-            if not all(bool(torch.isfinite(torch.as_tensor(g)).all()) for g in gen_lp):
+            if all(bool(torch.isfinite(torch.as_tensor(g)).all()) for g in gen_lp):
+                metrics["generation/logprob_mismatch"] = logprob_mismatch(
+                    train_lp, gen_lp, warn_above=self.cfg.generation.logprob_mismatch_warn)
+            else:
                 # The generator's weights went non-finite before the trainer's did (it got the
                 # last update): report it; the trainer's own log-probs are what the loss uses.
                 logger.warning("the generator returned non-finite log-probs; mismatch not measured this step")
                 metrics["generation/nonfinite_logprobs"] = 1.0
-                gen_lp = []
-        if self.is_main and gen_lp and all(g is not None for g in gen_lp):
-            from nemo_igrpo.generation.common import logprob_mismatch
-
-            metrics["generation/logprob_mismatch"] = logprob_mismatch(train_lp, gen_lp,
-                                                                      warn_above=self.cfg.generation.logprob_mismatch_warn)
         for s, lp in zip(samples, train_lp):
             s.old_logprobs = lp
         if self.cfg.algorithm.kl_beta > 0:
