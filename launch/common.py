@@ -6,6 +6,7 @@ a Slurm script, so the two paths cannot drift apart on nodes, environment or com
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import shlex
@@ -289,3 +290,11 @@ def node_entry_env(plan: JobPlan) -> dict[str, str]:
 
 def quote_overrides(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments both launchers (run.py, render_sbatch.py) take."""
+    p.add_argument("config", help="run config, e.g. conf/paper/deepseek_r1_distill_qwen_7b_igrpo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides passed to the trainer (trainer.max_steps=20)")
+    p.add_argument("--cluster", required=True, help="site file (see launch/clusters/example.yaml)")
+    p.add_argument("--requeue", action="store_true", help="requeue after pre-emption / time limit; the run resumes")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LAUNCH_DIR, JobPlan, LaunchError, build_plan, load_site, node_entry_env  # noqa: E402
+from common import add_job_arguments, LAUNCH_DIR, JobPlan, LaunchError, build_plan, load_site, node_entry_env  # noqa: E402
 
 TEMPLATES = LAUNCH_DIR / "sbatch"
 
@@ -92,10 +92,7 @@ def render(plan: JobPlan, hetjob: bool = False, config_label: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="run config, e.g. conf/paper/deepseek_r1_distill_qwen_7b_igrpo.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides passed to the trainer (trainer.max_steps=20)")
-    p.add_argument("--cluster", required=True, help="site file (see launch/clusters/example.yaml)")
-    p.add_argument("--requeue", action="store_true", help="requeue after pre-emption / time limit; the run resumes")
+    add_job_arguments(p)
     p.add_argument("--hetjob", action="store_true", help="heterogeneous job: the vLLM node is its own component")
     p.add_argument("--name", help="job name (default: run.name)")
     p.add_argument("-o", "--output", help="write the script here (default: stdout)")

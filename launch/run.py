@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, JobPlan, LaunchError, build_plan, load_site, node_entry_env  # noqa: E402
+from common import add_job_arguments, REPO, JobPlan, LaunchError, build_plan, load_site, node_entry_env  # noqa: E402
 
 NEMO_RUN_WORKDIR = "/nemo_run/code"  # where nemo-run's packager unpacks the repository snapshot
 
@@ -133,10 +133,7 @@ def render_dry_run(plan: JobPlan, packager: str = "none") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="run config, e.g. conf/paper/deepseek_r1_distill_qwen_7b_igrpo.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides passed to the trainer")
-    p.add_argument("--cluster", required=True, help="site file (see launch/clusters/example.yaml)")
-    p.add_argument("--requeue", action="store_true", help="requeue on pre-emption / time limit (auto-resume)")
+    add_job_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--packager", choices=["git", "none"], default=None,
                    help="git: snapshot the committed repository into the job (default inside a git work tree); "
