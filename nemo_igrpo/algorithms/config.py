@@ -89,3 +89,15 @@ class AlgorithmConfig:
     adaptive_probe_drafts: Optional[int] = None
     # Optimizer steps per rollout batch (the rollout is split into this many mini-batches).
     minibatches_per_step: int = 1
+    # The old log-probs (the ratio's denominator) come from the trainer, never the generator.
+    # With one optimizer step per batch the update's own forward pass runs on exactly those
+    # weights, so by default they are taken from it (detached) and a whole forward pass over
+    # the batch is saved; the train/inference mismatch is measured in the same pass. True: a
+    # separate no-grad pass first (always the case when minibatches_per_step > 1, where later
+    # mini-batches see updated weights).
+    recompute_old_logprobs: bool = False
+    # Truncated importance sampling against the generator (Yao et al. 2025, "Your efficient RL
+    # framework secretly brings you off-policy RL training"): each token's loss is weighted by
+    # min(pi_old / pi_gen, tis_cap), detached, which corrects for a generator whose numbers
+    # differ from the trainer's (FP8 generation, other kernels). None: off. verl uses 2.0.
+    tis_cap: Optional[float] = None

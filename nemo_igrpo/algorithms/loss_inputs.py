@@ -20,11 +20,14 @@ import torch
 @dataclass
 class LossInputs:
     logprobs: torch.Tensor  # [N] current policy log-probs of the trained tokens (requires grad)
-    old_logprobs: torch.Tensor  # [N] behaviour-policy log-probs (generator's)
+    old_logprobs: torch.Tensor  # [N] old-policy log-probs (the trainer's, before this update)
     advantages: torch.Tensor  # [N] per-token advantage (the sequence's advantage, repeated)
     seq_ids: torch.Tensor  # [N] int64, 0..num_seqs-1: which sequence of this micro-batch
     num_seqs: int  # sequences in this micro-batch
     ref_logprobs: Optional[torch.Tensor] = None  # [N], when the KL term is on
+    # [N], the generator's log-probs of the same tokens (NaN where a sample has none); used by
+    # truncated importance sampling (algorithm.tis_cap).
+    generation_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -194,6 +194,28 @@ def aggregate_loss(
     return fn(per_token, seq_ids, num_seqs, norm)
 
 
+# --- correction for the generator's numbers ----------------------------------------------------
+
+
+def tis_weights(inputs: LossInputs, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling: w_t = min(pi_old(t) / pi_gen(t), cap), detached, and
+    which tokens hit the cap. Tokens without a generator log-prob (NaN) get weight 1.
+
+    The samples were drawn from the generator's distribution, the loss assumes pi_old's; when the
+    two differ (FP8 or other kernels in the generator) w_t re-weights each token to pi_old, and
+    the cap bounds the variance of the rare tokens the generator under-sampled."""
+    old = inputs.old_logprobs.detach()
+    gen = inputs.generation_logprobs
+    if gen is None:
+        return torch.ones_like(old), torch.zeros_like(old, dtype=torch.bool)
+    gen = gen.detach().to(old.dtype)
+    log_w = (old - gen).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    weight = torch.exp(log_w)
+    capped = weight > cap
+    weight = torch.where(torch.isnan(gen), torch.ones_like(weight), weight.clamp(max=cap))
+    return weight, capped & ~torch.isnan(gen)
+
+
 # --- the callable the actor receives ----------------------------------------------------------
 
 
@@ -233,9 +255,16 @@ class PolicyLoss:
             raise ValueError(f"LossNormalizer needs positive counts, got num_tokens={norm.num_tokens}, num_seqs={norm.num_seqs}")
         cfg = self.cfg
         out = self.policy_loss(inputs, cfg)
-        pg_loss = aggregate_loss(out.per_token_loss, inputs.seq_ids, inputs.num_seqs, cfg.loss_aggregation, norm)
+        per_token_loss = out.per_token_loss
+        metrics: dict[str, torch.Tensor] = {}
+        if cfg.tis_cap is not None:
+            weight, capped = tis_weights(inputs, cfg.tis_cap)
+            per_token_loss = per_token_loss * weight.to(per_token_loss.dtype)
+            metrics["tis_weight_mean"] = weight.sum() / float(norm.num_tokens)
+            metrics["tis_capped_frac"] = capped.sum().to(torch.float32) / float(norm.num_tokens)
+        pg_loss = aggregate_loss(per_token_loss, inputs.seq_ids, inputs.num_seqs, cfg.loss_aggregation, norm)
         loss = pg_loss
-        metrics: dict[str, torch.Tensor] = {"pg_loss": pg_loss.detach()}
+        metrics["pg_loss"] = pg_loss.detach()
         if cfg.kl_beta > 0:
             if inputs.ref_logprobs is None:
                 raise ValueError("algorithm.kl_beta > 0 but the actor passed no ref_logprobs (reference model not run)")

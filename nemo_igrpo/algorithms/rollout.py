@@ -425,7 +425,7 @@ class IGRPORollout:
                         token_ids=list(group.prompt_ids) + list(result.token_ids),
                         response_start=len(group.prompt_ids),
                         advantage=float(adv),
-                        old_logprobs=torch.tensor(result.logprobs, dtype=torch.float32),
+                        generation_logprobs=torch.tensor(result.logprobs, dtype=torch.float32),
                     )
                 )
                 size += 1

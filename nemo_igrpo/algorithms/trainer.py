@@ -265,30 +265,37 @@ class Trainer:
         return _broadcast(metrics)
 
     def _train_on(self, samples: list, timer: _Timer) -> dict:
-        """Recompute old log-probs with the trainer (the ratio's denominator, and the measured
-        train/inference mismatch), optional reference log-probs, then the update(s)."""
-        metrics: dict[str, float] = {}
-        with timer.phase("logprobs"):
-            train_lp = self.actor.compute_logprobs(samples)
-        if not all(bool(torch.isfinite(lp).all()) for lp in train_lp):
-            # The policy itself has gone non-finite (e.g. a diverged update): there is nothing
-            # sound to train on. Count it with the other non-finite steps and skip the update.
-            logger.warning("non-finite log-probs from the policy; skipping this step's update")
-            return {"skipped": 1.0, "nonfinite/logprobs": 1.0}
-        gen_lp = [s.old_logprobs for s in samples]
-        if self.is_main and gen_lp and all(g is not None for g in gen_lp):
-            from nemo_igrpo.generation.common import logprob_mismatch
+        """Old log-probs from the trainer (the ratio's denominator), the train/inference
+        mismatch, optional reference log-probs, then the update(s).
 
-            if all(bool(torch.isfinite(torch.as_tensor(g)).all()) for g in gen_lp):
-                metrics["generation/logprob_mismatch"] = logprob_mismatch(
-                    train_lp, gen_lp, warn_above=self.cfg.generation.logprob_mismatch_warn)
-            else:
+        With one optimizer step per batch (the default) the old log-probs are the update's own
+        forward pass, detached: the same weights, so the same numbers, one forward pass fewer.
+        A separate pass runs when later mini-batches would see updated weights, or when
+        algorithm.recompute_old_logprobs asks for it."""
+        metrics: dict[str, float] = {}
+        algo = self.cfg.algorithm
+        for s in samples:
+            gen = s.generation_logprobs
+            if gen is not None and not bool(torch.isfinite(gen).all()):
                 # The generator's weights went non-finite before the trainer's did (it got the
-                # last update): report it; the trainer's own log-probs are what the loss uses.
-                logger.warning("the generator returned non-finite log-probs; mismatch not measured this step")
+                # last update): report it; the loss never uses the generator's log-probs.
+                s.generation_logprobs = None
                 metrics["generation/nonfinite_logprobs"] = 1.0
-        for s, lp in zip(samples, train_lp):
-            s.old_logprobs = lp
+        if metrics:
+            logger.warning("the generator returned non-finite log-probs; mismatch not measured for those samples")
+        if algo.recompute_old_logprobs or algo.minibatches_per_step > 1:
+            with timer.phase("logprobs"):
+                train_lp = self.actor.compute_logprobs(samples)
+            if not all(bool(torch.isfinite(lp).all()) for lp in train_lp):
+                # The policy itself has gone non-finite (e.g. a diverged update): there is nothing
+                # sound to train on. Count it with the other non-finite steps and skip the update.
+                logger.warning("non-finite log-probs from the policy; skipping this step's update")
+                return {"skipped": 1.0, "nonfinite/logprobs": 1.0}
+            for s, lp in zip(samples, train_lp):
+                s.old_logprobs = lp
+        else:
+            for s in samples:
+                s.old_logprobs = None  # the actor uses the update's forward pass, detached
         if self.cfg.algorithm.kl_beta > 0:
             with timer.phase("ref_logprobs"):
                 ref = self.actor.compute_logprobs(samples, reference=True)
@@ -305,6 +312,19 @@ class Trainer:
         for key in updates[-1] if updates else []:
             vals = [u[key] for u in updates if key in u]
             metrics[key] = float(sum(vals) / len(vals)) if key != "skipped" else float(skipped)
+        # Measured against the weights the samples were generated with: the first mini-batch's
+        # update (later ones see weights the generator never had).
+        first = updates[0] if updates else {}
+        metrics.pop("logprob_mismatch", None)
+        metrics.pop("logprob_mismatch_tokens", None)
+        if "logprob_mismatch" in first:
+            from nemo_igrpo.generation.common import warn_on_logprob_mismatch
+
+            value = first["logprob_mismatch"]
+            metrics["generation/logprob_mismatch"] = value
+            if self.is_main:
+                warn_on_logprob_mismatch(value, int(first["logprob_mismatch_tokens"]),
+                                         self.cfg.generation.logprob_mismatch_warn)
         return finalize_loss_metrics(metrics)
 
     # --- the loop --------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def algorithm_config_problems(cfg: AlgorithmConfig, generation=None) -> list[tup
         bad("dual_clip_c", "must be > 1 (dual clip caps the loss of negative advantages at -A*c)")
     if cfg.minibatches_per_step < 1:
         bad("minibatches_per_step", "must be >= 1")
+    if cfg.tis_cap is not None and not cfg.tis_cap >= 1:
+        bad("tis_cap", "must be >= 1 (the cap of the weight pi_old / pi_gen; verl uses 2.0) or null for off")
 
     t = cfg.template
     try:

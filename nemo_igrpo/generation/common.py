@@ -52,6 +52,11 @@ def apply_vllm_cpu_environment(cfg: VLLMConfig) -> None:
             logger.info("%s=%s from the environment overrides the config value %s", key, current, value)
 
 
+# vLLM's online quantization schemes (bf16 weights in, quantized in the engine on every load):
+# the ones that fit a trainer streaming new weights each step.
+VLLM_ONLINE_QUANTIZATION = ("fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8")
+
+
 def check_generation_config(cfg: GenerationConfig) -> None:
     """Raise ValueError naming the key when a generation setting cannot work."""
     if cfg.logprobs_mode not in SUPPORTED_LOGPROBS_MODES:
@@ -79,6 +84,11 @@ def check_generation_config(cfg: GenerationConfig) -> None:
         raise ValueError(
             f"generation.server.weight_sync: {cfg.server.weight_sync!r} is not one of "
             f"{list(allowed_sync)} (generation.backend={cfg.backend!r})"
+        )
+    if cfg.vllm.quantization is not None and cfg.vllm.quantization not in VLLM_ONLINE_QUANTIZATION:
+        raise ValueError(
+            f"generation.vllm.quantization: {cfg.vllm.quantization!r} is not one of "
+            f"{list(VLLM_ONLINE_QUANTIZATION)} (or null for none)"
         )
     if cfg.vllm.cpu_kvcache_space_gb < 1:
         raise ValueError(f"generation.vllm.cpu_kvcache_space_gb: must be >= 1, got {cfg.vllm.cpu_kvcache_space_gb}")
@@ -213,14 +223,20 @@ def logprob_mismatch(
     if not (torch.isfinite(train).all() and torch.isfinite(gen).all()):
         raise ValueError("logprob_mismatch: non-finite log-prob (check generation.logprobs_mode and top_p)")
     value = float(torch.exp((train - gen).abs()).mean())
-    if warn_above is not None and value > warn_above:
+    warn_on_logprob_mismatch(value, train.numel(), warn_above)
+    if math.isnan(value):
+        raise ValueError("logprob_mismatch: result is NaN")
+    return value
+
+
+def warn_on_logprob_mismatch(value: float, num_tokens: int, warn_above: Optional[float]) -> None:
+    """The warning of `logprob_mismatch`, for callers that measured the value themselves (the
+    actor measures it inside the update's forward pass)."""
+    if warn_above is not None and not value <= warn_above:
         logger.warning(
             "train/inference log-prob mismatch %.4f exceeds %.4f over %d tokens: the generator does not "
             "match the trainer (stale weights after sync, precision, or logprobs_mode)",
             value,
             warn_above,
-            train.numel(),
+            num_tokens,
         )
-    if math.isnan(value):
-        raise ValueError("logprob_mismatch: result is NaN")
-    return value

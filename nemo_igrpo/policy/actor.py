@@ -54,6 +54,7 @@ class _MicroBatch:
     # Training only: which of the M scored tokens are trained, and their per-token inputs.
     train_mask: Optional[torch.Tensor] = None  # [M] bool
     old_logprobs: Optional[torch.Tensor] = None  # [M]
+    generation_logprobs: Optional[torch.Tensor] = None  # [M], NaN where a sample has none
     ref_logprobs: Optional[torch.Tensor] = None  # [M]
     advantages: Optional[torch.Tensor] = None  # [M]
     seq_ids: Optional[torch.Tensor] = None  # [M] int64, local sequence index
@@ -248,7 +249,7 @@ class MegatronActor:
         return out
 
     def _attach_train_inputs(self, mb: _MicroBatch, samples: Sequence[SequenceSample]) -> None:
-        masks, olds, refs, advs, seq = [], [], [], [], []
+        masks, olds, gens, refs, advs, seq = [], [], [], [], [], []
         use_ref = self.kl_beta > 0
         for local_id, (idx, n) in enumerate(zip(mb.sample_indices, mb.score_counts)):
             s = samples[idx]
@@ -260,6 +261,10 @@ class MegatronActor:
             old = s.old_logprobs
             if old is not None and tuple(old.shape) != (n,):
                 raise ValueError(f"train_step: sample {idx}: old_logprobs has shape {tuple(old.shape)}, expected ({n},)")
+            gen = s.generation_logprobs
+            if gen is not None and tuple(gen.shape) != (n,):
+                raise ValueError(
+                    f"train_step: sample {idx}: generation_logprobs has shape {tuple(gen.shape)}, expected ({n},)")
             if use_ref:
                 if s.ref_logprobs is None:
                     raise ValueError(f"train_step: sample {idx} has no ref_logprobs but kl_beta={self.kl_beta} > 0")
@@ -271,12 +276,14 @@ class MegatronActor:
             masks.append(mask)
             # NaN marks "no behaviour log-prob given": replaced by the current (detached) one.
             olds.append(old.float().cpu() if old is not None else torch.full((n,), float("nan")))
+            gens.append(gen.float().cpu() if gen is not None else torch.full((n,), float("nan")))
             advs.append(torch.full((n,), float(s.advantage)))
             seq.append(torch.full((n,), local_id, dtype=torch.long))
         dev = self._device
         cat = lambda xs, dt: torch.cat(xs).to(dev) if xs else torch.zeros(0, dtype=dt, device=dev)  # noqa: E731
         mb.train_mask = cat(masks, torch.bool)
         mb.old_logprobs = cat(olds, torch.float32)
+        mb.generation_logprobs = cat(gens, torch.float32)
         mb.advantages = cat(advs, torch.float32)
         mb.seq_ids = cat(seq, torch.long)
         mb.ref_logprobs = cat(refs, torch.float32) if use_ref else None
@@ -399,8 +406,17 @@ class MegatronActor:
                 seq_ids=mb.seq_ids[trained],
                 num_seqs=len(mb.sample_indices),
                 ref_logprobs=mb.ref_logprobs[trained] if mb.ref_logprobs is not None else None,
+                generation_logprobs=mb.generation_logprobs[trained],
             )
             loss_share, metrics = loss_fn(inputs, norm)
+            # Train/inference agreement over every response token the generator scored; free
+            # here, where the trainer's log-probs already exist (no separate pass needed).
+            gen = mb.generation_logprobs
+            has_gen = ~torch.isnan(gen)
+            if bool(has_gen.any()):
+                gap = (lp.detach().float()[has_gen] - gen[has_gen]).abs()
+                add("mismatch/exp_abs_gap_sum", float(torch.exp(gap).sum()))
+                add("mismatch/tokens", float(has_gen.sum()))
             # Record copies: the schedule may rescale the returned tensor in place.
             add("loss", float(loss_share.detach().clone()))
             add("entropy", float(ent[trained].sum()) / max(norm.num_tokens, 1.0))
@@ -412,6 +428,10 @@ class MegatronActor:
         self._run_schedule(self.model_chunks, mbs, loss_func, forward_only=False)
         totals = self._sum_metrics(sums)
         loss = totals.get("loss", 0.0)
+        gap_sum, gap_tokens = totals.pop("mismatch/exp_abs_gap_sum", 0.0), totals.pop("mismatch/tokens", 0.0)
+        if gap_tokens:
+            totals["logprob_mismatch"] = gap_sum / gap_tokens
+            totals["logprob_mismatch_tokens"] = gap_tokens
 
         with cpu_compat.cuda_to_cpu():
             found_inf = self.optimizer.prepare_grads()

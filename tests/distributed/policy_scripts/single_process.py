@@ -14,6 +14,7 @@ Usage: single_process.py <work_dir> <report.json>
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import traceback
@@ -146,6 +147,40 @@ def main():
         assert abs(m["loss"] - fp32_loss) < 1e-6, (m["loss"], fp32_loss)
 
     check("bf16_and_recompute", fp32_then_bf16)
+
+    def fused_old_logprobs():
+        # old_logprobs=None (taken from the update's own forward pass, detached) trains exactly
+        # like old log-probs from a separate pass; generation_logprobs yields the mismatch there.
+        def clipped(inp, norm):
+            ratio = torch.exp(inp.logprobs - inp.old_logprobs)
+            clipped_ratio = torch.clamp(ratio, 0.8, 1.2)
+            return -torch.minimum(ratio * inp.advantages, clipped_ratio * inp.advantages).sum() / norm.num_tokens, {}
+
+        fused = MegatronActor(cfg_for(llama), seed=0, total_steps=3)
+        separate = MegatronActor(cfg_for(llama), seed=0, total_steps=3)
+        old = separate.compute_logprobs(seq)
+        m_fused = fused.train_step([TrainSample(s.token_ids, s.response_start, advantage=s.advantage,
+                                                generation_logprobs=o + 0.1) for s, o in zip(ss, old)], clipped)
+        m_sep = separate.train_step([TrainSample(s.token_ids, s.response_start, advantage=s.advantage,
+                                                 old_logprobs=o, generation_logprobs=o) for s, o in zip(ss, old)], clipped)
+        assert m_fused["skipped"] == 0.0 and m_sep["skipped"] == 0.0
+        assert abs(m_fused["loss"] - m_sep["loss"]) <= 1e-7, (m_fused["loss"], m_sep["loss"])
+        assert abs(m_fused["grad_norm"] - m_sep["grad_norm"]) <= 1e-6 * m_sep["grad_norm"], (m_fused, m_sep)
+        w_fused, w_sep = dict(fused.export_hf_weights()), dict(separate.export_hf_weights())
+        for k, v in w_sep.items():
+            torch.testing.assert_close(w_fused[k], v, rtol=0, atol=1e-7, msg=f"{k} after one step")
+        n_tokens = sum(s.response_length for s in ss)
+        assert m_sep["logprob_mismatch"] == 1.0 and m_sep["logprob_mismatch_tokens"] == n_tokens, m_sep
+        assert abs(m_fused["logprob_mismatch"] - math.exp(0.1)) < 1e-5, m_fused["logprob_mismatch"]
+        bad = [TrainSample(ss[0].token_ids, ss[0].response_start, generation_logprobs=torch.zeros(2))]
+        try:
+            fused.train_step(bad, clipped)
+        except ValueError as e:
+            assert "sample 0" in str(e) and "generation_logprobs" in str(e), e
+        else:
+            raise AssertionError("generation_logprobs of the wrong length accepted")
+
+    check("fused_old_logprobs_exact", fused_old_logprobs)
 
     def convert_cli():
         from nemo_igrpo.cli import main as cli
