@@ -179,6 +179,8 @@ def vllm_serve_args(cfg: IGRPOConfig, gpus_per_node: int) -> list[str]:
         args += ["--max-model-len", str(v.max_model_len)]
     if v.max_num_seqs:
         args += ["--max-num-seqs", str(v.max_num_seqs)]
+    if v.quantization:
+        args += ["--quantization", v.quantization]  # FP8 generation (vLLM re-quantizes each sync)
     args.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
     if v.enforce_eager:
         args.append("--enforce-eager")

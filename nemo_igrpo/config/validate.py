@@ -18,40 +18,7 @@ def _choice(source: str, key: str, value, allowed) -> None:
 
 def validate_config(cfg: IGRPOConfig, source: str = "config") -> None:
     a = cfg.algorithm
-    if a.num_drafts < 0:
-        _fail(source, "algorithm.num_drafts", "must be >= 0 (0 means plain GRPO)")
-    if a.num_refinements < 2:
-        _fail(
-            source,
-            "algorithm.num_refinements",
-            f"must be >= 2: group-relative advantages over {a.num_refinements} sample(s) are always zero",
-        )
-    if a.refinement_rounds < 1:
-        _fail(source, "algorithm.refinement_rounds", "must be >= 1")
-    if a.refinement_rounds > 1 and a.num_drafts == 0:
-        _fail(source, "algorithm.refinement_rounds", "extra refinement rounds need drafts (algorithm.num_drafts > 0)")
-    _choice(source, "algorithm.tie_break", a.tie_break, {"random", "first"})
-    _choice(source, "algorithm.all_zero_drafts", a.all_zero_drafts, {"append", "skip"})
-    _choice(
-        source,
-        "algorithm.loss_aggregation",
-        a.loss_aggregation,
-        {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"},
-    )
-    _choice(source, "algorithm.kl_estimator", a.kl_estimator, {"k1", "k2", "k3"})
-    if a.kl_beta < 0:
-        _fail(source, "algorithm.kl_beta", "must be >= 0")
-    if not (0 <= a.clip_eps_low < 1 and a.clip_eps_high >= 0):
-        _fail(source, "algorithm.clip_eps_low", "need 0 <= clip_eps_low < 1 and clip_eps_high >= 0")
-    if a.dual_clip_c is not None and a.dual_clip_c <= 1:
-        _fail(source, "algorithm.dual_clip_c", "must be > 1 (dual clip bounds the loss of negative advantages)")
-    if a.minibatches_per_step < 1:
-        _fail(source, "algorithm.minibatches_per_step", "must be >= 1")
-    from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from nemo_igrpo.algorithms.losses import POLICY_LOSSES
-
-    _choice(source, "algorithm.advantage", a.advantage, set(ADVANTAGE_ESTIMATORS))
-    _choice(source, "algorithm.policy_loss", a.policy_loss, set(POLICY_LOSSES))
+    # One source of truth for algorithm.* (library users get the same checks from the rollout).
     from nemo_igrpo.algorithms.validation import algorithm_config_problems
 
     for key, msg in algorithm_config_problems(a, cfg.generation):
@@ -74,6 +41,15 @@ def validate_config(cfg: IGRPOConfig, source: str = "config") -> None:
         _fail(source, "generation.top_p", "must be in (0, 1]")
     if g.max_new_tokens < 1:
         _fail(source, "generation.max_new_tokens", "must be >= 1")
+    # The backends' own checks (sync paths, server limits, vLLM settings), at load time rather
+    # than minutes later when the engine starts.
+    from nemo_igrpo.generation.common import check_generation_config
+
+    try:
+        check_generation_config(g)
+    except ValueError as e:
+        key, _, msg = str(e).partition(": ")
+        _fail(source, key, msg)
 
     if cfg.data.prompts_per_step < 1:
         _fail(source, "data.prompts_per_step", "must be >= 1")

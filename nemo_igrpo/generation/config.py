@@ -29,6 +29,14 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     dtype: str = "auto"  # "auto" takes the checkpoint's dtype; "bfloat16"/"float32" force one
     max_num_seqs: Optional[int] = None  # None: vLLM's default
+    # FP8 generation: vLLM quantizes the weights it receives, layer by layer, at start-up and on
+    # every weight sync (its online quantization runs inside the layerwise reload the sync
+    # uses), so the trainer streams its usual bf16 weights. None: generate in `dtype`.
+    # fp8_per_tensor | fp8_per_channel | fp8_per_block (128x128 weight blocks, DeepSeek-style)
+    # | mxfp8 (Blackwell). Needs FP8 kernels: Hopper/Blackwell GPUs, or AMX-FP8 CPUs.
+    # FP8 log-probs differ from the bf16 trainer's: watch generation/logprob_mismatch and set
+    # algorithm.tis_cap (truncated importance sampling) to correct for it.
+    quantization: Optional[str] = None
 
 
 @dataclass

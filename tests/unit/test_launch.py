@@ -83,6 +83,7 @@ def test_nemo_run_dry_run_with_a_generation_node(site_file):
     assert vllm_args.startswith("/shared/models/DeepSeek-R1-Distill-Qwen-14B ")
     assert "--tensor-parallel-size 2 --data-parallel-size 4" in vllm_args
     assert "--gpu-memory-utilization 0.85" in vllm_args and "--max-model-len 10240" in vllm_args
+    assert "--quantization fp8_per_tensor" in vllm_args  # the FP8 config generates in FP8
     # The node task: role picked per node, the config and the shared weight directory passed on.
     assert "# exec bash /opt/nemo-igrpo/launch/node_entry.sh auto train " \
            f"/opt/nemo-igrpo/{CFG_14B_FP8} 'generation.server.weight_sync_dir=${{run.dir}}/weight_sync'" in script

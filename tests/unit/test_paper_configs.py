@@ -85,7 +85,10 @@ def test_paper_config_has_the_papers_settings(path):
     assert g.vllm.gpu_memory_utilization == 0.85
     assert cfg.policy.precision == "bf16" and cfg.policy.activation_recompute == "full"
     assert cfg.data.prompts_per_step * 8 == 1024  # the paper's 1,024 completions per optimizer step
-    assert cfg.policy.fp8 == ("tensorwise" if path.parent.name == "fp8" else None)
+    fp8 = path.parent.name == "fp8"
+    assert cfg.policy.fp8 == ("tensorwise" if fp8 else None)
+    # FP8 variants generate in FP8 too, with the importance-sampling correction for it.
+    assert (g.vllm.quantization, a.tis_cap) == (("fp8_per_tensor", 2.0) if fp8 else (None, None))
     assert shape_for(cfg.policy.model.hf_path) is not None, cfg.policy.model.hf_path
     # The paper's node layouts: 7B/8B 1 training + 1 vLLM node, 14B 4 + 1.
     big = "14b" in path.stem
