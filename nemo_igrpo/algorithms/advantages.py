@@ -29,30 +29,13 @@ from typing import Callable
 
 import torch
 
+from nemo_igrpo.utils.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Register `fn` under `name` (algorithm.advantage). Names are unique."""
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered ({ADVANTAGE_ESTIMATORS[name]!r})")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_advantage_estimator(name: str) -> AdvantageFn:
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"algorithm.advantage: {name!r} is not a registered estimator ({', '.join(sorted(ADVANTAGE_ESTIMATORS))})"
-        ) from None
+ADVANTAGE_ESTIMATORS = Registry("estimator", "algorithm.advantage")
+register_advantage = ADVANTAGE_ESTIMATORS.register  # @register_advantage("name"); names are unique
+get_advantage_estimator: Callable[[str], AdvantageFn] = ADVANTAGE_ESTIMATORS.lookup
 
 
 def _check(rewards: torch.Tensor) -> torch.Tensor:

@@ -16,21 +16,14 @@ from typing import Callable
 
 import torch
 
+from nemo_igrpo.utils.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_ref| is clamped to this before the estimator
 KL_VALUE_CLAMP = 10.0  # the per-token estimate is clamped to [-10, 10]
 
 KLFn = Callable[[torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: dict[str, KLFn] = {}
-
-
-def register_kl(name: str) -> Callable[[KLFn], KLFn]:
-    def decorator(fn: KLFn) -> KLFn:
-        if name in KL_ESTIMATORS and KL_ESTIMATORS[name] is not fn:
-            raise ValueError(f"KL estimator {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+KL_ESTIMATORS = Registry("KL estimator", "algorithm.kl_estimator")
+register_kl = KL_ESTIMATORS.register
 
 
 @register_kl("k1")
@@ -51,9 +44,6 @@ def k3(log_ratio: torch.Tensor) -> torch.Tensor:
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL estimate of the current policy against the reference, clamped."""
-    try:
-        fn = KL_ESTIMATORS[estimator]
-    except KeyError:
-        raise ValueError(f"algorithm.kl_estimator: {estimator!r} is not one of {sorted(KL_ESTIMATORS)}") from None
+    fn = KL_ESTIMATORS.lookup(estimator)
     log_ratio = (logprobs - ref_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return fn(log_ratio).clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)

@@ -32,6 +32,7 @@ import torch
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_penalty
 from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.utils.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +47,9 @@ class PolicyLossOutput:
 
 
 PolicyLossFn = Callable[[LossInputs, AlgorithmConfig], PolicyLossOutput]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Register a policy loss under `name` (algorithm.policy_loss)."""
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES and POLICY_LOSSES[name] is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered ({POLICY_LOSSES[name]!r})")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(
-            f"algorithm.policy_loss: {name!r} is not a registered policy loss ({', '.join(sorted(POLICY_LOSSES))})"
-        ) from None
+POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss")
+register_policy_loss = POLICY_LOSSES.register  # @register_policy_loss("name")
+get_policy_loss: Callable[[str], PolicyLossFn] = POLICY_LOSSES.lookup
 
 
 # --- per-sequence helpers (a sequence is never split across micro-batches) -------------------
@@ -141,17 +123,8 @@ def gspo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
 # --- aggregation ----------------------------------------------------------------------------
 
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, int, LossNormalizer], torch.Tensor]
-LOSS_AGGREGATIONS: dict[str, AggregationFn] = {}
-
-
-def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
-    def decorator(fn: AggregationFn) -> AggregationFn:
-        if name in LOSS_AGGREGATIONS and LOSS_AGGREGATIONS[name] is not fn:
-            raise ValueError(f"loss aggregation {name!r} is already registered")
-        LOSS_AGGREGATIONS[name] = fn
-        return fn
-
-    return decorator
+LOSS_AGGREGATIONS = Registry("loss aggregation", "algorithm.loss_aggregation")
+register_aggregation = LOSS_AGGREGATIONS.register
 
 
 @register_aggregation("token-mean")
@@ -187,11 +160,7 @@ def seq_mean_token_sum_norm(per_token: torch.Tensor, seq_ids: torch.Tensor, num_
 def aggregate_loss(
     per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, mode: str, norm: LossNormalizer
 ) -> torch.Tensor:
-    try:
-        fn = LOSS_AGGREGATIONS[mode]
-    except KeyError:
-        raise ValueError(f"algorithm.loss_aggregation: {mode!r} is not one of {sorted(LOSS_AGGREGATIONS)}") from None
-    return fn(per_token, seq_ids, num_seqs, norm)
+    return LOSS_AGGREGATIONS.lookup(mode)(per_token, seq_ids, num_seqs, norm)
 
 
 # --- correction for the generator's numbers ----------------------------------------------------
@@ -231,12 +200,9 @@ class PolicyLoss:
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
         self.policy_loss = get_policy_loss(cfg.policy_loss)
-        if cfg.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(
-                f"algorithm.loss_aggregation: {cfg.loss_aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}"
-            )
-        if cfg.kl_beta > 0 and cfg.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"algorithm.kl_estimator: {cfg.kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
+        LOSS_AGGREGATIONS.lookup(cfg.loss_aggregation)  # fail at construction, naming the key
+        if cfg.kl_beta > 0:
+            KL_ESTIMATORS.lookup(cfg.kl_estimator)
         if cfg.policy_loss == "gspo" and max(cfg.clip_eps_low, cfg.clip_eps_high) > 0.01:
             # Sequence ratios move far less than token ratios; eps of 0.2 almost never clips.
             logger.warning(
