@@ -90,6 +90,8 @@ def check_generation_config(cfg: GenerationConfig) -> None:
             f"generation.vllm.quantization: {cfg.vllm.quantization!r} is not one of "
             f"{list(VLLM_ONLINE_QUANTIZATION)} (or null for none)"
         )
+    if cfg.vllm.weight_transport not in ("shm", "rpc"):
+        raise ValueError(f"generation.vllm.weight_transport: {cfg.vllm.weight_transport!r} is not one of ['shm', 'rpc']")
     if cfg.vllm.cpu_kvcache_space_gb < 1:
         raise ValueError(f"generation.vllm.cpu_kvcache_space_gb: must be >= 1, got {cfg.vllm.cpu_kvcache_space_gb}")
 

@@ -37,6 +37,12 @@ class VLLMConfig:
     # FP8 log-probs differ from the bf16 trainer's: watch generation/logprob_mismatch and set
     # algorithm.tis_cap (truncated importance sampling) to correct for it.
     quantization: Optional[str] = None
+    # How a weight-sync bucket reaches the engine's workers (same host): "shm" writes it as a
+    # safetensors file in /dev/shm and sends the path (the workers memory-map it); "rpc" sends
+    # the bytes inside vLLM's RPC message. "shm" falls back to "rpc" when /dev/shm is missing or
+    # too small for a bucket (containers default to 64 MB: run them with --ipc=host or a larger
+    # --shm-size).
+    weight_transport: str = "shm"
 
 
 @dataclass

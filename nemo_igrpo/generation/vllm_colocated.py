@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import replace
 from typing import Iterable, Optional
@@ -33,6 +35,7 @@ from nemo_igrpo.generation.common import (
     bucket_to_safetensors_bytes,
     check_generation_config,
     check_request,
+    host_bucket,
     iter_weight_buckets,
     normalise_finish_reason,
 )
@@ -126,6 +129,8 @@ class VLLMColocatedBackend(GenerationBackend):
         self._sleeping = False
         self._awake_tags: set[str] = set()
         self.last_weight_sync_s: Optional[float] = None
+        self._shm_dir: Optional[str] = None  # created on the first "shm" weight sync
+        self._transport = cfg.vllm.weight_transport  # "shm" can fall back to "rpc" (see _weight_file_dir)
         self.last_update_missing: list[str] = []
         logger.info("vLLM engine for %s ready in %.1f s", model_dir, time.perf_counter() - started)
 
@@ -192,11 +197,9 @@ class VLLMColocatedBackend(GenerationBackend):
         num_bytes = 0
         try:
             for bucket in iter_weight_buckets(named_tensors, bucket_bytes):
-                payload = bucket_to_safetensors_bytes(bucket)
-                self.llm.collective_rpc("nemo_igrpo_load_bucket", args=(payload,))
+                num_bytes += self._send_bucket(bucket, bucket_bytes)
                 num_tensors += len(bucket)
-                num_bytes += len(payload)
-                del payload, bucket  # release this bucket before the next one is exported
+                del bucket  # release this bucket before the next one is exported
         except Exception as err:
             # Close the session so the engine is usable, but its weights are now a mix of old and
             # new: the caller must retry the whole update before generating again.
@@ -224,6 +227,46 @@ class VLLMColocatedBackend(GenerationBackend):
         logger.info(
             "weight sync: %d tensors, %.1f MB in %.2f s", num_tensors, num_bytes / 2**20, self.last_weight_sync_s
         )
+
+    def _send_bucket(self, bucket: list, bucket_bytes: int) -> int:
+        """One bucket into every worker; returns its size in bytes."""
+        shm_dir = self._weight_file_dir(bucket_bytes)
+        if shm_dir is not None:
+            from safetensors.torch import save_file
+
+            path = os.path.join(shm_dir, "bucket.safetensors")
+            try:
+                save_file(host_bucket(bucket), path)
+                self.llm.collective_rpc("nemo_igrpo_load_bucket_file", args=(path,))
+                return os.path.getsize(path)
+            finally:
+                if os.path.exists(path):
+                    os.unlink(path)
+        payload = bucket_to_safetensors_bytes(bucket)
+        self.llm.collective_rpc("nemo_igrpo_load_bucket", args=(payload,))
+        return len(payload)
+
+    def _weight_file_dir(self, bucket_bytes: int) -> Optional[str]:
+        """A private directory in /dev/shm for "shm" transport, or None to send bytes."""
+        if self._transport != "shm":
+            return None
+        if self._shm_dir is None:
+            if not os.path.isdir("/dev/shm"):
+                logger.warning("weight sync: no /dev/shm on this host; sending weights inside the RPC instead")
+                self._transport = "rpc"
+                return None
+            free = shutil.disk_usage("/dev/shm").free
+            # The largest bucket can exceed bucket_bytes by one tensor; keep a margin.
+            if free < 2 * bucket_bytes:
+                logger.warning(
+                    "weight sync: /dev/shm has %.0f MB free, less than 2 x generation.weight_sync_bucket_mb; sending "
+                    "weights inside the RPC instead (give containers --ipc=host or a larger --shm-size)",
+                    free / 2**20,
+                )
+                self._transport = "rpc"
+                return None
+            self._shm_dir = tempfile.mkdtemp(prefix="nemo-igrpo-weights-", dir="/dev/shm")
+        return self._shm_dir
 
     # -- memory --
 
@@ -256,6 +299,10 @@ class VLLMColocatedBackend(GenerationBackend):
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        shm_dir = getattr(self, "_shm_dir", None)
+        if shm_dir is not None:
+            shutil.rmtree(shm_dir, ignore_errors=True)
+            self._shm_dir = None
         llm = getattr(self, "llm", None)
         if llm is None:
             return

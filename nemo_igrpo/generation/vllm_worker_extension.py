@@ -18,8 +18,11 @@ Calling `model.load_weights` outside such a session is wrong on CPU: vLLM repack
 after loading and drops the original tensor, so new values would land in a tensor the kernels no
 longer read.
 
-A bucket travels as safetensors bytes: msgpack (vLLM's RPC encoding) turns tensors nested in
-arguments into plain lists, while bytes pass through untouched and decode without copies.
+A bucket travels as a safetensors file in /dev/shm whose path is the RPC argument (the default,
+`generation.vllm.weight_transport: shm`), or as safetensors bytes inside the RPC message
+(`rpc`): msgpack (vLLM's RPC encoding) turns tensors nested in arguments into plain lists,
+while bytes pass through untouched. Measured on CPU (bench/RESULTS.md, section 3), the bytes
+path moved ~60 MB/s for a 135M model; a memory file is written and mapped at memory speed.
 """
 
 from __future__ import annotations
@@ -41,9 +44,18 @@ class WeightSyncWorkerExtension:
 
     def nemo_igrpo_load_bucket(self, payload: bytes) -> int:
         from safetensors.torch import load as load_safetensors
+
+        return self._nemo_igrpo_load(load_safetensors(payload))
+
+    def nemo_igrpo_load_bucket_file(self, path: str) -> int:
+        """The same, from a safetensors file the trainer wrote on this host (memory-mapped)."""
+        from safetensors.torch import load_file
+
+        return self._nemo_igrpo_load(load_file(path))
+
+    def _nemo_igrpo_load(self, tensors: dict) -> int:
         from vllm.config import set_current_vllm_config
 
-        tensors = load_safetensors(payload)
         device = self.model_runner.device
         pairs = [(name, tensor.to(device)) for name, tensor in tensors.items()]
         with set_current_vllm_config(self.vllm_config):

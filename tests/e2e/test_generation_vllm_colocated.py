@@ -103,3 +103,15 @@ def test_weight_update_gives_updated_policy_greedy_output(engine, tiny_qwen2_dir
     old_reference = hf_model(tiny_qwen2_dir)
     stale = [hf_token_logprobs(old_reference, p, s.token_ids) for p, samples in zip(PROMPTS, sampled) for s in samples]
     assert logprob_mismatch(stale, gen, warn_above=None) > mismatch
+
+    # The update above went through /dev/shm files (the default transport) and left none behind;
+    # the bytes-in-the-RPC transport restores the original weights just as exactly.
+    import os
+
+    assert engine._shm_dir is not None and os.listdir(engine._shm_dir) == []
+    engine._transport = "rpc"
+    try:
+        engine.update_weights(state_dict_stream(tiny_qwen2_dir))
+    finally:
+        engine._transport = "shm"
+    assert [r[0].token_ids for r in engine.generate(PROMPTS, greedy)] == before

@@ -130,3 +130,7 @@ def test_vllm_engine_kwargs_carry_fp8_generation_and_refuse_it_on_cpu():
     cfg.vllm.quantization = "int4"
     with pytest.raises(ValueError, match="generation.vllm.quantization"):
         check_generation_config(cfg)
+    cfg.vllm.quantization = None
+    cfg.vllm.weight_transport = "nccl"
+    with pytest.raises(ValueError, match="generation.vllm.weight_transport"):
+        check_generation_config(cfg)
