@@ -108,7 +108,8 @@ def test_weight_update_gives_updated_policy_greedy_output(engine, tiny_qwen2_dir
     # the bytes-in-the-RPC transport restores the original weights just as exactly.
     import os
 
-    assert engine._shm_dir is not None and os.listdir(engine._shm_dir) == []
+    if os.path.isdir("/dev/shm"):  # 1 MB buckets: any /dev/shm is large enough
+        assert engine._shm_dir is not None and os.listdir(engine._shm_dir) == []
     engine._transport = "rpc"
     try:
         engine.update_weights(state_dict_stream(tiny_qwen2_dir))
