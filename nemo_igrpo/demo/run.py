@@ -42,6 +42,18 @@ def _prompt_renderer(cfg, tokenizer_dir: Path):
     return render
 
 
+def _eval_accuracies(metrics_path: Path) -> dict[int, float]:
+    """step -> held-out accuracy, from a run's metrics.jsonl (later records win)."""
+    out: dict[int, float] = {}
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                if "eval/accuracy" in rec:
+                    out[int(rec["step"])] = float(rec["eval/accuracy"])
+    return out
+
+
 def run_demo(args) -> int:
     from nemo_igrpo.algorithms.trainer import train
     from nemo_igrpo.config import load_config
@@ -70,9 +82,15 @@ def run_demo(args) -> int:
     print(f"[demo] iGRPO: {cfg.trainer.max_steps} steps x {cfg.data.prompts_per_step} prompts, "
           f"{cfg.algorithm.num_drafts} drafts + {cfg.algorithm.num_refinements} refinements each; run dir {run_dir}")
     result = train(cfg)
-    evals = {e["step"]: e["eval/accuracy"] for e in result.eval_history}
+    # The whole run's evaluations, from its metrics file: a rerun resumes the same run dir (after
+    # an interruption, or once it is complete), so this invocation may have evaluated nothing.
+    evals = _eval_accuracies(run_dir / "metrics.jsonl")
+    evals.update({e["step"]: e["eval/accuracy"] for e in result.eval_history})
     before = evals.get(0)
     after = evals.get(result.last_step)
+    if result.resumed_from is not None and result.resumed_from >= cfg.trainer.max_steps:
+        print(f"[demo] {run_dir} already holds a complete {cfg.trainer.max_steps}-step run; showing its results "
+              f"(delete the directory, or pass --seed, to train again)")
     plots = plot_runs([str(run_dir)])
     summary = {"seed": args.seed, "accuracy_before": before, "accuracy_after": after,
                "steps": result.last_step, "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir)}

@@ -71,3 +71,17 @@ def test_demo_data_split_is_disjoint_and_correct(tmp_path):
     assert is_tricky(38, 45) and not is_tricky(31, 45) and not is_tricky(35, 45)
     frac = sum(is_tricky(a, b) for a, b in all_pairs()) / len(all_pairs())
     assert 0.3 < frac < 0.6  # room for RL to gain: the warm start is wrong only on these
+
+
+def test_demo_reads_the_whole_runs_evaluations(tmp_path):
+    """A rerun of `igrpo demo` on a finished run dir reports that run's before/after accuracy
+    from its metrics file (this invocation evaluated nothing)."""
+    import json
+
+    from nemo_igrpo.demo.run import _eval_accuracies
+
+    metrics = tmp_path / "metrics.jsonl"
+    recs = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "loss": 0.1}, {"step": 2, "eval/accuracy": 0.75, "loss": 0.2}]
+    metrics.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert _eval_accuracies(metrics) == {0: 0.5, 2: 0.75}
+    assert _eval_accuracies(tmp_path / "absent.jsonl") == {}
