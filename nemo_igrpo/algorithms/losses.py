@@ -180,9 +180,9 @@ def tis_weights(inputs: LossInputs, cap: float) -> tuple[torch.Tensor, torch.Ten
     gen = gen.detach().to(old.dtype)
     log_w = (old - gen).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     weight = torch.exp(log_w)
-    capped = weight > cap
+    capped = weight > cap  # False where gen is NaN (NaN compares false)
     weight = torch.where(torch.isnan(gen), torch.ones_like(weight), weight.clamp(max=cap))
-    return weight, capped & ~torch.isnan(gen)
+    return weight, capped
 
 
 # --- the callable the actor receives ----------------------------------------------------------

@@ -82,10 +82,10 @@ def run_demo(args) -> int:
     print(f"[demo] iGRPO: {cfg.trainer.max_steps} steps x {cfg.data.prompts_per_step} prompts, "
           f"{cfg.algorithm.num_drafts} drafts + {cfg.algorithm.num_refinements} refinements each; run dir {run_dir}")
     result = train(cfg)
-    # The whole run's evaluations, from its metrics file: a rerun resumes the same run dir (after
-    # an interruption, or once it is complete), so this invocation may have evaluated nothing.
+    # The whole run's evaluations, from its metrics file (the trainer logs every evaluation
+    # there): a rerun resumes the same run dir (after an interruption, or once it is complete),
+    # so this invocation's own result.eval_history may be empty.
     evals = _eval_accuracies(run_dir / "metrics.jsonl")
-    evals.update({e["step"]: e["eval/accuracy"] for e in result.eval_history})
     before = evals.get(0)
     after = evals.get(result.last_step)
     if result.resumed_from is not None and result.resumed_from >= cfg.trainer.max_steps:

@@ -390,6 +390,14 @@ class MegatronActor:
 
         def loss_func(mb: _MicroBatch, output: torch.Tensor):
             lp, ent = self._scored(mb, output, with_entropy=True)
+            # Train/inference agreement over every response token the generator scored (loss
+            # mask or not); free here, where the trainer's log-probs already exist.
+            gen = mb.generation_logprobs
+            has_gen = ~torch.isnan(gen)
+            if bool(has_gen.any()):
+                gap = (lp.detach().float()[has_gen] - gen[has_gen]).abs()
+                add("mismatch/exp_abs_gap_sum", float(torch.exp(gap).sum()))
+                add("mismatch/tokens", float(has_gen.sum()))
             trained = mb.train_mask
             n_trained = int(trained.sum())
             if n_trained == 0:
@@ -409,14 +417,6 @@ class MegatronActor:
                 generation_logprobs=mb.generation_logprobs[trained],
             )
             loss_share, metrics = loss_fn(inputs, norm)
-            # Train/inference agreement over every response token the generator scored; free
-            # here, where the trainer's log-probs already exist (no separate pass needed).
-            gen = mb.generation_logprobs
-            has_gen = ~torch.isnan(gen)
-            if bool(has_gen.any()):
-                gap = (lp.detach().float()[has_gen] - gen[has_gen]).abs()
-                add("mismatch/exp_abs_gap_sum", float(torch.exp(gap).sum()))
-                add("mismatch/tokens", float(has_gen.sum()))
             # Record copies: the schedule may rescale the returned tensor in place.
             add("loss", float(loss_share.detach().clone()))
             add("entropy", float(ent[trained].sum()) / max(norm.num_tokens, 1.0))
