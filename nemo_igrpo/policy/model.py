@@ -21,6 +21,7 @@ import torch
 
 from nemo_igrpo.policy import cpu_compat
 from nemo_igrpo.policy.config import ModelConfig, PolicyConfig, TinyModelConfig
+from nemo_igrpo.policy.fusions import apply_fusion_decisions
 
 # Dense decoder families the actor's layer specs (TE, or local + SDPA) build correctly. The
 # DeepSeek-R1-Distill-Qwen and OpenMath-Nemotron checkpoints are Qwen2ForCausalLM.
@@ -107,6 +108,7 @@ class BuiltModel:
     provider: Any  # the GPTModelProvider (a TransformerConfig)
     chunks: list  # megatron model chunks (one per virtual pipeline stage; we use one)
     transformer_impl: str  # "transformer_engine" | "local"
+    sequence_parallel: bool = False
 
 
 def _check_fp8(cfg: PolicyConfig, impl: str) -> None:
@@ -175,20 +177,11 @@ def build_model(
     provider.moe_token_dispatcher_type = "alltoall"
     # Losses arrive already normalised over the whole step (LossNormalizer); see actor.py.
     provider.calculate_per_token_loss = True
-    if impl == "local":
-        # These fusions are TE/apex kernels; megatron-core falls back or fails without them.
-        for flag in (
-            "bias_activation_fusion",
-            "masked_softmax_fusion",
-            "bias_dropout_fusion",
-            "apply_rope_fusion",
-            "gradient_accumulation_fusion",
-            "cross_entropy_loss_fusion",
-            "persist_layer_norm",
-        ):
-            if hasattr(provider, flag):
-                setattr(provider, flag, False)
-        provider.sequence_parallel = False
+    on_gpu = torch.cuda.is_available()
+    # Fusion flags only where their kernels import (the bridge turns some on by what NVIDIA's
+    # containers usually ship; see fusions.py), decided the same way on every machine.
+    apply_fusion_decisions(provider, on_gpu=on_gpu, transformer_impl=impl)
+    provider.sequence_parallel = uses_sequence_parallel(impl, cfg.tensor_parallel_size)
     if cfg.activation_recompute == "selective":
         provider.recompute_granularity = "selective"
     elif cfg.activation_recompute == "full":
@@ -200,7 +193,6 @@ def build_model(
         # blockwise and mxfp8 are e4m3 throughout.
         provider.fp8 = "hybrid" if cfg.fp8 in ("delayed", "tensorwise") else "e4m3"
         provider.fp8_recipe = cfg.fp8
-    on_cpu = not torch.cuda.is_available()
     bf16 = cfg.precision == "bf16"
     provider.finalize()
 
@@ -220,7 +212,7 @@ def build_model(
             wrap_with_ddp=trainable,
             bf16=bf16,
             fp16=False,
-            use_cpu_initialization=on_cpu,
+            use_cpu_initialization=not on_gpu,
         )
     for chunk in chunks:
         if trainable:
@@ -230,7 +222,16 @@ def build_model(
             for p in chunk.parameters():
                 p.requires_grad_(False)
     assert all(isinstance(c, MegatronModule) for c in chunks)
-    return BuiltModel(bridge=bridge, provider=provider, chunks=chunks, transformer_impl=impl)
+    return BuiltModel(bridge=bridge, provider=provider, chunks=chunks, transformer_impl=impl,
+                      sequence_parallel=bool(provider.sequence_parallel))
+
+
+def uses_sequence_parallel(transformer_impl: str, tensor_parallel_size: int) -> bool:
+    """Sequence parallelism (activations outside the TP regions split over the TP ranks) with
+    the TransformerEngine spec whenever TP > 1, as NeMo-RL and Megatron-Bridge recipes run it:
+    it divides the layer-input activations by TP at no extra communication (the all-reduces
+    become reduce-scatter + all-gather). The local spec's torch LayerNorm does not support it."""
+    return transformer_impl == "transformer_engine" and tensor_parallel_size > 1
 
 
 def unwrap(chunk: Any) -> Any:
