@@ -63,6 +63,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on `device`: torch.multinomial draws with a generator of the
+    probabilities' own device only (a CPU generator with CUDA probabilities raises), so the
+    generator lives where the model's logits are."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class MegatronGenerationBackend(GenerationBackend):
     def __init__(self, actor, cfg: GenerationConfig, seed: int = 0):
         check_generation_config(cfg)
@@ -120,9 +127,10 @@ class MegatronGenerationBackend(GenerationBackend):
         generators = []
         for i in range(n):
             if params.seed is not None:
-                generators.append(torch.Generator().manual_seed(params.seed + i))
-            else:  # no request seed: draw from the backend's own seeded stream
-                generators.append(torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._rng))))
+                seed = params.seed + i
+            else:  # no request seed: draw from the backend's own seeded stream (host side)
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            generators.append(sampling_generator(seed, self.device))
         return generators
 
     # -- the interface ---------------------------------------------------------------------
