@@ -35,7 +35,8 @@ from nemo_igrpo.policy.batch import SequenceSample, TrainSample
 from nemo_igrpo.policy.config import PolicyConfig
 from nemo_igrpo.policy.distributed import init_parallel_state
 from nemo_igrpo.policy.model import build_model, make_tiny_model_dir, tiny_model_dir, unwrap
-from nemo_igrpo.policy.packing import pack_first_fit, plan_pack, shard_over_dp
+from nemo_igrpo.policy.packing import pack_first_fit, pack_multiple, plan_pack, shard_over_dp
+from nemo_igrpo.utils import collectives
 
 LossFn = Callable[[LossInputs, LossNormalizer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -72,13 +73,13 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:
     with torch.no_grad():
         logits = logits.float()
         m = logits.max(dim=-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+        collectives.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
         z = logits - m.unsqueeze(-1)
         e = z.exp()
         sum_e = e.sum(dim=-1)
         sum_ez = (e * z).sum(dim=-1)
-        dist.all_reduce(sum_e, group=tp_group)
-        dist.all_reduce(sum_ez, group=tp_group)
+        collectives.all_reduce(sum_e, group=tp_group)
+        collectives.all_reduce(sum_ez, group=tp_group)
         return sum_e.log() - sum_ez / sum_e
 
 
@@ -112,7 +113,8 @@ class MegatronActor:
         self.cfg = cfg
         self.seed = seed
         self.kl_beta = kl_beta
-        self.layout = init_parallel_state(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed)
+        self.layout = init_parallel_state(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed,
+                                          timeout_minutes=cfg.distributed_timeout_minutes)
         self.dp_rank = self.layout.dp_rank
         self.dp_size = self.layout.dp_size
         self.is_main = self.layout.is_main
@@ -130,6 +132,9 @@ class MegatronActor:
         self.provider = built.provider
         self.model_chunks = built.chunks
         self.transformer_impl = built.transformer_impl
+        self.sequence_parallel = built.sequence_parallel
+        # Every packed micro-batch is padded to this many tokens (FP8 GEMMs, sequence parallel).
+        self.pack_multiple = pack_multiple(cfg.fp8, cfg.tensor_parallel_size, self.sequence_parallel)
         self.ref_chunks = None
         if kl_beta > 0:
             self.ref_chunks = build_model(cfg, self.hf_path, trainable=False).chunks
@@ -186,7 +191,7 @@ class MegatronActor:
         tiny = self.cfg.model.tiny
         if self.is_main:
             make_tiny_model_dir(tiny, cache_dir, self.seed)
-        dist.barrier()
+        collectives.barrier()
         return str(tiny_model_dir(tiny, cache_dir, self.seed))
 
     def _finalize_grads(self, model_chunks, num_tokens=None, **kwargs):
@@ -199,7 +204,8 @@ class MegatronActor:
     # ----------------------------------------------------------------------------- batching
     def _micro_batches(self, samples: Sequence[SequenceSample], train: bool) -> list[_MicroBatch]:
         """This DP rank's packed micro-batches (at least one: a rank with no samples gets a
-        2-token dummy that scores nothing, so it still joins the step's collectives)."""
+        padding-only dummy that scores nothing, so it still joins the step's collectives), each
+        padded to `self.pack_multiple` tokens."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
         lengths = [len(s.token_ids) for s in samples]
@@ -209,7 +215,7 @@ class MegatronActor:
             bins = [[]]
         out = []
         for b in bins:
-            plan = plan_pack(b, lengths)
+            plan = plan_pack(b, lengths, self.pack_multiple)
             ids: list[int] = []
             pos: list[int] = []
             labels: list[int] = []
@@ -224,9 +230,12 @@ class MegatronActor:
                 # The logits at row j predict token j+1: response token t is scored at row t-1.
                 rows.extend(range(start + r0 - 1, start + len(tok) - 1))
                 counts.append(len(tok) - r0)
+            # The padding segment (see packing.py): token 0 at positions 0.., never a score row,
+            # so it reaches no log-prob, loss, entropy or metric.
+            ids.extend([0] * plan.padding)
+            pos.extend(range(plan.padding))
+            labels.extend([0] * plan.padding)
             cu = plan.cu_seqlens
-            if not b:
-                ids, pos, labels, cu = [0, 0], [0, 1], [0, 0], [0, 2]
             dev = self._device
             cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
             max_len = max(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
@@ -313,12 +322,37 @@ class MegatronActor:
             )
 
     def _scored(self, mb: _MicroBatch, output: torch.Tensor, with_entropy: bool):
+        """Log-probs (and entropies) of the scored tokens, `policy.logprob_chunk_tokens` rows
+        at a time: each chunk's fp32 [chunk, V/tp] temporaries are freed before the next, and
+        under autograd each chunk is recomputed in the backward pass instead of kept, so the
+        peak stays at one chunk's worth whatever the micro-batch size (the bf16 logits
+        themselves are the model's output and exist once)."""
         logits = output[0] if output.dim() == 3 else output  # [T, V/tp] (b=1)
-        sel = logits.index_select(0, mb.score_rows)
-        targets = mb.labels.index_select(0, mb.score_rows)
-        entropy = vocab_parallel_entropy(sel, self._tp_group) if with_entropy else None
-        logprobs = vocab_parallel_logprobs(sel, targets, self._tp_group)
+        rows_all = mb.score_rows
+        chunk = self.cfg.logprob_chunk_tokens or max(int(rows_all.numel()), 1)
+        bounds = list(range(0, int(rows_all.numel()), chunk)) or [0]
+        recompute = torch.is_grad_enabled() and logits.requires_grad and len(bounds) > 1
+        lps, ents = [], []
+        for start in bounds:
+            rows = rows_all[start : start + chunk]
+            targets = mb.labels.index_select(0, rows)
+            if recompute:
+                from torch.utils.checkpoint import checkpoint
+
+                lp = checkpoint(self._chunk_logprobs, logits, rows, targets, use_reentrant=False)
+            else:
+                lp = self._chunk_logprobs(logits, rows, targets)
+            lps.append(lp)
+            if with_entropy:
+                ents.append(vocab_parallel_entropy(logits.detach().index_select(0, rows), self._tp_group))
+        logprobs = torch.cat(lps) if len(lps) > 1 else lps[0]
+        entropy = (torch.cat(ents) if len(ents) > 1 else ents[0]) if with_entropy else None
         return logprobs, entropy
+
+    def _chunk_logprobs(self, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # index_select copies the rows, so the in-place max subtraction inside megatron's
+        # cross entropy never touches the model's logits.
+        return vocab_parallel_logprobs(logits.index_select(0, rows), targets, self._tp_group)
 
     # ----------------------------------------------------------------------------- public API
     def compute_logprobs(
@@ -361,7 +395,7 @@ class MegatronActor:
                 for idx, n in zip(mb.sample_indices, mb.score_counts):
                     flat[offsets[idx] : offsets[idx] + n] = vals[pos : pos + n]
                     pos += n
-        dist.all_reduce(flat)
+        collectives.all_reduce(flat)
         flat = flat.cpu()
         return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(samples))]
 
@@ -478,8 +512,7 @@ class MegatronActor:
         none). Key sets can differ across ranks (a rank may have no trained tokens)."""
         contributes = self.layout.is_last_pp_stage and self.layout.tp_rank == 0
         mine = local if contributes else {}
-        everyone: list[dict[str, float]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(everyone, mine)
+        everyone = collectives.all_gather_objects(mine)
         total: dict[str, float] = {}
         for d in everyone:
             for k, v in d.items():
@@ -517,14 +550,14 @@ class MegatronActor:
         tmp = out.with_name(out.name + ".tmp")
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+        collectives.barrier()
         with cpu_compat.cuda_to_cpu():
             self.bridge.save_hf_pretrained(self.model_chunks, str(tmp), show_progress=False)
-        dist.barrier()
+        collectives.barrier()
         if self.is_main:
             self.tokenizer.save_pretrained(str(tmp))
             _replace_dir(tmp, out)
-        dist.barrier()
+        collectives.barrier()
 
     # ----------------------------------------------------------------------------- checkpoints
     def _sharded_state(self, loading: bool, include_rng: bool) -> dict:
@@ -577,7 +610,7 @@ class MegatronActor:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier()
+        collectives.barrier()
         state = self._sharded_state(loading=False, include_rng=True)
         state["scheduler"] = self.scheduler.state_dict()
         state["extra_state"] = extra_state
@@ -589,10 +622,10 @@ class MegatronActor:
         }
         with cpu_compat.cuda_to_cpu():
             dist_checkpointing.save(state, str(tmp))
-        dist.barrier()
+        collectives.barrier()
         if self.is_main:
             _replace_dir(tmp, out)
-        dist.barrier()
+        collectives.barrier()
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         """Restore a save_checkpoint() directory (any TP/PP/DP layout). RNG states are restored

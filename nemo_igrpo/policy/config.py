@@ -59,4 +59,12 @@ class PolicyConfig:
     activation_recompute: Optional[str] = None  # None | selective | full
     # Padding-free micro-batches: sequences are packed up to this many tokens per micro-batch.
     max_tokens_per_microbatch: int = 4096
+    # Log-probs and entropies are computed over this many scored tokens at a time, so the fp32
+    # vocabulary-sized temporaries stay bounded (chunk x V/TP x 4 B each) whatever the pack size.
+    # 0 computes them in one piece.
+    logprob_chunk_tokens: int = 1024
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # How long any rank may wait in a collective (NCCL's watchdog, the gloo control group where
+    # ranks 1..N wait while rank 0 generates and evaluates). torch's NCCL default is 10 minutes,
+    # shorter than one evaluation of MATH-500 x 8 samples x 4k tokens.
+    distributed_timeout_minutes: float = 180.0

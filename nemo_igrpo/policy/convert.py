@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from nemo_igrpo.policy import cpu_compat
 from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
+from nemo_igrpo.utils import collectives
 
 WEIGHTS_FORMAT = "nemo_igrpo.megatron_weights.v1"
 HF_TEMPLATE_FILES = re.compile(r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|.*\.jinja|vocab\..*|merges\.txt)$")
@@ -56,14 +57,14 @@ def hf_to_megatron(src: str, dst: str, tp: int = 1, pp: int = 1) -> None:
         for f in Path(src).iterdir():
             if f.is_file() and HF_TEMPLATE_FILES.match(f.name):
                 shutil.copy2(f, tmp / "hf_template" / f.name)
-    dist.barrier()
+    collectives.barrier()
     state = {"model": unwrap(built.chunks[0]).sharded_state_dict(), "meta": {"format": WEIGHTS_FORMAT, "hf_path": str(Path(src).resolve())}}
     with cpu_compat.cuda_to_cpu():
         dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    collectives.barrier()
     if dist.get_rank() == 0:
         _replace_dir(tmp, out)
-    dist.barrier()
+    collectives.barrier()
 
 
 def find_checkpoint(src: str | Path) -> Path:
@@ -118,16 +119,16 @@ def megatron_to_hf(src: str, dst: str, hf_template: Optional[str] = None, tp: in
     tmp = out.with_name(out.name + ".tmp")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    collectives.barrier()
     with cpu_compat.cuda_to_cpu():
         built.bridge.save_hf_pretrained(built.chunks, str(tmp), show_progress=False)
-    dist.barrier()
+    collectives.barrier()
     if dist.get_rank() == 0:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(template).save_pretrained(str(tmp))
         _replace_dir(tmp, out)
-    dist.barrier()
+    collectives.barrier()
 
 
 def run_convert_cli(args) -> int:

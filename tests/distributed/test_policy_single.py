@@ -32,6 +32,7 @@ def report(tmp_path_factory):
         "reference_model_frozen",
         "bf16_and_recompute",
         "fused_old_logprobs_exact",
+        "padding_and_chunking_change_no_number",
         "clear_errors",
         "te_stub_does_not_leak",
         "smollm2_matches_transformers",

@@ -182,6 +182,33 @@ def main():
 
     check("fused_old_logprobs_exact", fused_old_logprobs)
 
+    def padding_and_chunking_change_no_number():
+        # GPU-path issue items 4 and 10: packs padded to a multiple (as FP8 / sequence parallel
+        # need) and log-probs/entropy computed a few rows at a time (recomputed in backward) give
+        # the same log-probs, entropies, loss, gradient norm and updated weights.
+        plain = MegatronActor(cfg_for(llama, logprob_chunk_tokens=0), seed=0, total_steps=3)
+        tuned = MegatronActor(cfg_for(llama, logprob_chunk_tokens=3), seed=0, total_steps=3)
+        assert plain.pack_multiple == 1 and tuned.pack_multiple == 1  # fp32, TP=1, no FP8: no padding
+        tuned.pack_multiple = 16  # what delayed/tensorwise FP8 needs at TP=1
+        for mb in tuned._micro_batches(seq, train=False):
+            n = mb.input_ids.shape[1]
+            assert n % 16 == 0 and mb.packed_seq_params.host_bounds[-1] == n, (n, mb.packed_seq_params.host_bounds)
+            assert int(mb.score_rows.max()) < n - (n - sum(len(s.token_ids) for s in seq))
+        lp_a, ent_a = plain.compute_logprobs(seq, with_entropy=True)
+        lp_b, ent_b = tuned.compute_logprobs(seq, with_entropy=True)
+        for i in range(len(seq)):
+            torch.testing.assert_close(lp_b[i], lp_a[i], rtol=0, atol=1e-6, msg=f"log-probs, sample {i}")
+            torch.testing.assert_close(ent_b[i], ent_a[i], rtol=0, atol=1e-6, msg=f"entropy, sample {i}")
+        m_a, m_b = plain.train_step(ss, pg_loss), tuned.train_step(ss, pg_loss)
+        for key in ("loss", "entropy", "num_tokens"):
+            assert abs(m_a[key] - m_b[key]) <= 1e-6 * max(1.0, abs(m_a[key])), (key, m_a[key], m_b[key])
+        assert abs(m_a["grad_norm"] - m_b["grad_norm"]) <= 1e-6 * m_a["grad_norm"], (m_a["grad_norm"], m_b["grad_norm"])
+        w_a, w_b = dict(plain.export_hf_weights()), dict(tuned.export_hf_weights())
+        for k, v in w_a.items():
+            torch.testing.assert_close(w_b[k], v, rtol=0, atol=1e-6, msg=f"{k} after one step")
+
+    check("padding_and_chunking_change_no_number", padding_and_chunking_change_no_number)
+
     def convert_cli():
         from nemo_igrpo.cli import main as cli
 
