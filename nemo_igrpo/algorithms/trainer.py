@@ -32,6 +32,7 @@ import torch
 from nemo_igrpo.algorithms.checkpointing import checkpoint_dir, latest_checkpoint, prune_checkpoints
 from nemo_igrpo.config.loader import save_config
 from nemo_igrpo.config.schema import IGRPOConfig
+from nemo_igrpo.utils import collectives
 from nemo_igrpo.utils.errors import GenerationServerError, TrainingAborted
 from nemo_igrpo.utils.metrics_log import MetricsLogger, step_summary, truncate_metrics
 
@@ -51,30 +52,14 @@ class TrainResult:
 # Small pieces
 
 
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _rank() -> int:
-    return torch.distributed.get_rank() if _dist_ready() else 0
+    return collectives.rank()
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's object on every rank (identity on a single process)."""
-    if not _dist_ready() or torch.distributed.get_world_size() == 1:
-        return obj
-    box = [obj if _rank() == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_ranks_agree(flag: bool) -> bool:
-    """True on every rank if it is true on any rank (e.g. a SIGTERM seen by one process)."""
-    if not _dist_ready() or torch.distributed.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+# Rank 0's rollout, metrics and failures reach the other ranks over the gloo control group
+# (see utils/collectives.py): they wait there, not in an NCCL collective, while rank 0 generates.
+_broadcast = collectives.broadcast_object
+_all_ranks_agree = collectives.any_rank
 
 
 class _Timer:
@@ -409,7 +394,13 @@ class Trainer:
         self.sampler.load_state_dict(sampler_state)
         rec: dict[str, Any] = {"step": step}
         rec.update(batch.metrics)
+        weights_dropped = False
         if batch.samples:
+            if self.is_main:
+                # A colocated engine hands its GPU memory to the update (sleep mode); see
+                # GenerationBackend.sleep for the order of calls.
+                with timer.phase("generator_sleep"):
+                    weights_dropped = bool(self.backend.sleep())
             rec.update(self._train_on(batch.samples, timer))
         else:
             rec["update/empty_batch"] = 1.0  # e.g. every group dropped by dynamic sampling
@@ -422,9 +413,15 @@ class Trainer:
         else:
             self.consecutive_nonfinite = 0
         rec["nonfinite/total"] = float(self.total_nonfinite)
-        if not skipped and batch.samples:
+        # The export is collective: every rank must agree whether it runs. A sleeping engine that
+        # dropped its weights needs them back even when this step's update was skipped.
+        weights_dropped = _broadcast(weights_dropped)
+        if batch.samples and (not skipped or weights_dropped):
             with timer.phase("weight_sync"):
                 self._sync_weights()
+        if self.is_main:
+            with timer.phase("generator_wake"):
+                self.backend.wake_up()
         for name, secs in timer.times.items():
             rec[f"timing/{name}_s"] = secs
         rec["timing/step_s"] = time.perf_counter() - t0

@@ -51,10 +51,15 @@ class GenerationBackend(ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights, given as full (unsharded) tensors with Hugging Face names."""
 
-    def sleep(self) -> None:  # release generator memory while the trainer runs (where supported)
-        return None
+    def sleep(self) -> bool:
+        """Release generator memory while the trainer updates (where supported). Returns True
+        when the weights were dropped with it: the trainer then sends weights (update_weights)
+        even after a skipped update, before wake_up(). The trainer's order every step:
+        generate -> sleep() -> [update] -> update_weights() -> wake_up() -> generate."""
+        return False
 
     def wake_up(self) -> None:
+        """Take back everything sleep() released (KV cache last, after the weights)."""
         return None
 
     def close(self) -> None:

@@ -48,6 +48,7 @@ class TRTLLMServerBackend(OpenAIServerBackend):
 
     def __init__(self, cfg: GenerationConfig, hf_path: Optional[str] = None, *, seed: int = 0):
         super().__init__(cfg, hf_path, seed=seed)
+        self._released_tags: set[str] = set()  # what sleep() released and wake_up() has not resumed
 
     def _request_fields(self) -> dict:
         return {}
@@ -76,7 +77,7 @@ class TRTLLMServerBackend(OpenAIServerBackend):
 
     def _push_other(self, mode: str, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         if mode != "cuda_ipc":
-            super()._push_other(mode, named_tensors)
+            return super()._push_other(mode, named_tensors)
         if not torch.cuda.is_available():
             raise RuntimeError("generation.server.weight_sync='cuda_ipc' needs the trainer on the server's GPUs")
         from torch.multiprocessing.reductions import reduce_tensor
@@ -94,11 +95,25 @@ class TRTLLMServerBackend(OpenAIServerBackend):
             del on_gpu, handles
         self._post_rl_control("/update_weights", {"weights": None})
 
-    def sleep(self) -> None:
-        """Only meaningful when the server shares the trainer's GPUs (the cuda_ipc layout)."""
-        if self.server.weight_sync == "cuda_ipc":
-            self._post_rl_control("/release_memory", {"tags": ["model", "kv_cache"]})
+    def sleep(self) -> bool:
+        """Only meaningful when the server shares the trainer's GPUs (the cuda_ipc layout): the
+        model's memory and the KV cache are released, so the weights must be sent again."""
+        if self.server.weight_sync != "cuda_ipc":
+            return False
+        self._post_rl_control("/release_memory", {"tags": ["model", "kv_cache"]})
+        self._released_tags = {"model", "kv_cache"}
+        return True
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # The weights need their memory back before the IPC handles can be copied into it;
+        # the KV cache stays released until wake_up(), after the copy (peak memory).
+        if "model" in self._released_tags:
+            self._post_rl_control("/resume_memory", {"tags": ["model"]})
+            self._released_tags.discard("model")
+        super().update_weights(named_tensors)
 
     def wake_up(self) -> None:
-        if self.server.weight_sync == "cuda_ipc":
-            self._post_rl_control("/resume_memory", {"tags": ["model", "kv_cache"]})
+        remaining = sorted(self._released_tags)
+        if remaining:
+            self._post_rl_control("/resume_memory", {"tags": remaining})
+            self._released_tags = set()

@@ -270,15 +270,17 @@ class VLLMColocatedBackend(GenerationBackend):
 
     # -- memory --
 
-    def sleep(self) -> None:
-        """Free generator memory for training (GPU). At sleep_level 2 the weights are dropped:
-        call update_weights() (it wakes the weight memory itself) and then wake_up()."""
+    def sleep(self) -> bool:
+        """Free generator memory for training (GPU). At sleep_level 2 the weights are dropped
+        (returns True): call update_weights() (it wakes the weight memory itself) and then
+        wake_up(). At level 1 they are offloaded to host memory and come back on wake_up()."""
         if self.on_cpu or not self.cfg.vllm.enable_sleep_mode:
-            logger.info("vLLM sleep skipped (%s)", "CPU engine" if self.on_cpu else "generation.vllm.enable_sleep_mode is off")
-            return
+            logger.debug("vLLM sleep skipped (%s)", "CPU engine" if self.on_cpu else "generation.vllm.enable_sleep_mode is off")
+            return False
         self.llm.sleep(level=self.cfg.vllm.sleep_level)
         self._sleeping = True
         self._awake_tags = set()
+        return self.cfg.vllm.sleep_level == 2
 
     def _wake(self, tags: Optional[list[str]] = None) -> None:
         self.llm.wake_up(tags=tags)
@@ -292,7 +294,7 @@ class VLLMColocatedBackend(GenerationBackend):
     def wake_up(self) -> None:
         if not self._sleeping:
             if self.on_cpu:
-                logger.info("vLLM wake_up skipped (CPU engine)")
+                logger.debug("vLLM wake_up skipped (CPU engine)")
             return
         remaining = [t for t in ("weights", "kv_cache") if t not in self._awake_tags]
         self._wake(tags=remaining)
