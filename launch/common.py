@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import shlex
 import sys
@@ -22,7 +23,7 @@ REPO = LAUNCH_DIR.parent
 if str(LAUNCH_DIR) not in sys.path:
     sys.path.insert(0, str(LAUNCH_DIR))
 
-from layout import Layout, check_layout  # noqa: E402
+from layout import Layout, LayoutError, check_layout, check_model_supported, is_loopback  # noqa: E402
 
 from nemo_igrpo.config.loader import ConfigError, load_config  # noqa: E402
 from nemo_igrpo.config.schema import IGRPOConfig  # noqa: E402
@@ -30,6 +31,15 @@ from nemo_igrpo.config.schema import IGRPOConfig  # noqa: E402
 # Where the trainer listens for its vLLM server, and the rendezvous port of the trainer's nodes.
 VLLM_PORT = 8000
 RDZV_PORT = 29500
+# The batch script sets this to the first training node's Slurm hostname (scontrol show hostnames);
+# torchrun's rank 0 runs there (launch/node_entry.sh), which makes it the NCCL weight-sync master.
+TRAIN_MASTER_VAR = "IGRPO_TRAIN_MASTER"
+# vLLM 0.32's `vllm serve` flag for its RL weight-transfer engine (vllm/engine/arg_utils.py,
+# vllm/config/weight_transfer.py); /init_weight_transfer_engine and /update_weights need it.
+NCCL_WEIGHT_TRANSFER_ARGS = ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+# Weight syncs whose endpoints vLLM registers only with VLLM_SERVER_DEV_MODE=1
+# (vllm/entrypoints/launchers/api_server/routers.py: dev and RL routers).
+DEV_MODE_WEIGHT_SYNCS = ("reload_from_dir", "nccl")
 
 # Environment every job gets; a site file's `env` adds to or replaces these.
 DEFAULT_ENV: dict[str, str] = {
@@ -144,14 +154,23 @@ class JobPlan:
     max_requeues: int
     signal_seconds: int
     vllm_serve_args: list[str] = field(default_factory=list)
+    # Trainer overrides whose values the job script fills in from Slurm at run time: each holds a
+    # shell variable and is double-quoted in the script (e.g. the NCCL master address).
+    runtime_overrides: list[str] = field(default_factory=list)
 
     @property
     def log_dir(self) -> str:
         return os.path.join(self.job_dir, self.name, "logs")
 
     def trainer_args(self) -> list[str]:
-        """Arguments of `python -m nemo_igrpo train` (the config and every override)."""
+        """Arguments of `python -m nemo_igrpo train` (the config and every override known now)."""
         return ["train", self.config_path, *self.overrides]
+
+    def trainer_shell_args(self, args: Optional[list[str]] = None) -> str:
+        """trainer_args (or `args`) as shell words: fixed ones single-quoted, run-time ones
+        double-quoted so the script expands their variables on the node."""
+        fixed = " ".join(shlex.quote(a) for a in (self.trainer_args() if args is None else args))
+        return " ".join([fixed, *(f'"{o}"' for o in self.runtime_overrides)])
 
 
 def _explicit_cluster_overrides(overrides: list[str]) -> set[str]:
@@ -184,7 +203,14 @@ def vllm_serve_args(cfg: IGRPOConfig, gpus_per_node: int) -> list[str]:
     args.append("--enable-prefix-caching" if v.enable_prefix_caching else "--no-enable-prefix-caching")
     if v.enforce_eager:
         args.append("--enforce-eager")
+    if g.server.weight_sync == "nccl":
+        # The trainer's rank 0 broadcasts each bucket to the server's workers over NCCL.
+        args += NCCL_WEIGHT_TRANSFER_ARGS
     return args
+
+
+def _override_given(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == key for o in overrides if "=" in o)
 
 
 def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: bool = False,
@@ -211,13 +237,22 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    from layout import LayoutError
-
+    c, server = cfg.cluster, cfg.generation.server
+    # NCCL weight sync to a generation node: the trainer must open the rendezvous on an address
+    # that node reaches. The launcher passes the first training node's hostname at run time,
+    # unless the config names a routable address itself; a loopback address given explicitly on
+    # the command line is refused (check_layout names the key).
+    nccl_address_key = "generation.server.nccl_master_address"
+    fill_nccl_address = bool(
+        c.generation_nodes and cfg.generation.backend == "vllm_server" and server.weight_sync == "nccl"
+        and is_loopback(server.nccl_master_address) and not _override_given(overrides, nccl_address_key)
+    )
     try:
-        layout = check_layout(cfg, source=str(config), gpu_memory_gib=site.gpu_memory_gib)
+        check_model_supported(cfg, source=str(config))
+        layout = check_layout(cfg, source=str(config), gpu_memory_gib=site.gpu_memory_gib,
+                              fills_nccl_master_address=fill_nccl_address)
     except LayoutError as e:
         raise LaunchError(str(e)) from None
-    c = cfg.cluster
     if c.generation_nodes > 1:
         raise LaunchError(f"{config}: 'cluster.generation_nodes': these launchers start one `vllm serve` node; "
                           f"got {c.generation_nodes} (raise generation.vllm.tensor_parallel_size or run more servers yourself)")
@@ -231,12 +266,22 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
             return cfg_value
         return site_value
 
-    if c.generation_nodes and not any(o.startswith("generation.server.weight_sync_dir=") for o in overrides):
+    runtime_overrides: list[str] = []
+    if (c.generation_nodes and server.weight_sync == "reload_from_dir"
+            and not _override_given(overrides, "generation.server.weight_sync_dir")):
         # The server node reads the pushed weights from the run directory on shared storage.
         overrides = [*overrides, "generation.server.weight_sync_dir=${run.dir}/weight_sync"]
+    if fill_nccl_address:
+        runtime_overrides.append(f"{nccl_address_key}=${{{TRAIN_MASTER_VAR}:?}}")
+        if not _override_given(overrides, "generation.server.nccl_master_port"):
+            overrides = [*overrides, f"generation.server.nccl_master_port={server.nccl_master_port}"]
     env = dict(DEFAULT_ENV)
     env.update({k: v for k, v in job_env.items() if v})
     env.update(site.env)
+    if c.generation_nodes and server.weight_sync in DEV_MODE_WEIGHT_SYNCS and env.get("VLLM_SERVER_DEV_MODE") != "1":
+        raise LaunchError(f"cluster file: 'env.VLLM_SERVER_DEV_MODE' is {env.get('VLLM_SERVER_DEV_MODE')!r}; "
+                          f"generation.server.weight_sync={server.weight_sync} needs the server's development endpoints "
+                          "(VLLM_SERVER_DEV_MODE=1)")
     config_rel = _path_in_code_dir(config)
     code_dir = code_dir or site.code_dir
     mounts = list(dict.fromkeys([*(pick(site.mounts, "mounts") or []), *(c.mounts if "mounts" not in explicit else [])]))
@@ -264,6 +309,7 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
         max_requeues=site.requeue.max_requeues if requeue else 0,
         signal_seconds=site.requeue.signal_seconds_before_end,
         vllm_serve_args=vllm_serve_args(cfg, c.gpus_per_node) if c.generation_nodes else [],
+        runtime_overrides=runtime_overrides,
     )
 
 

@@ -8,12 +8,16 @@ last component of `policy.model.hf_path`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    # The checkpoint's config.json `architectures[0]`. The launcher asks the actor's own rule
+    # (nemo_igrpo.policy.model.read_architecture) whether it can train this model when the
+    # checkpoint itself is not readable from the login node; keyword-only so no shape can omit it.
+    architecture: str = field(kw_only=True)
     params_b: float  # total parameters, billions (embeddings included)
     num_layers: int
     hidden_size: int
@@ -33,9 +37,9 @@ class ModelShape:
 
 
 # Qwen2.5-7B family (Qwen2.5-Math-7B / Qwen2.5-7B-Instruct are the bases of the 7B models below).
-_QWEN25_7B = ModelShape(7.62, 28, 3584, 18944, 28, 4, 152064, 131072)
+_QWEN25_7B = ModelShape(7.62, 28, 3584, 18944, 28, 4, 152064, 131072, architecture="Qwen2ForCausalLM")
 # Qwen2.5-14B family: 40 query heads, 8 key/value heads.
-_QWEN25_14B = ModelShape(14.77, 48, 5120, 13824, 40, 8, 152064, 131072)
+_QWEN25_14B = ModelShape(14.77, 48, 5120, 13824, 40, 8, 152064, 131072, architecture="Qwen2ForCausalLM")
 
 MODEL_SHAPES: dict[str, ModelShape] = {
     "DeepSeek-R1-Distill-Qwen-7B": _QWEN25_7B,
@@ -47,7 +51,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "OpenReasoning-Nemotron-7B": _QWEN25_7B,
     # 52 layers (24 Mamba-2, 4 attention, 24 MLP), 8K context.
     "Nemotron-H-8B-Base-8K": ModelShape(
-        8.10, 52, 4096, 21504, 32, 8, 131072, 8192, mamba_num_heads=128, mamba_num_groups=8
+        8.10, 52, 4096, 21504, 32, 8, 131072, 8192, mamba_num_heads=128, mamba_num_groups=8,
+        architecture="NemotronHForCausalLM",
     ),
 }
 

@@ -45,10 +45,13 @@ train)
   fi
   # With the repository snapshot mounted (nemo-run's git packager), its code wins over the image's.
   export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"
+  # Static rendezvous: global rank = node rank x GPUs + local rank, so rank 0 (the one that pushes
+  # weights and, for generation.server.weight_sync=nccl, binds the NCCL rendezvous at
+  # IGRPO_TRAIN_MASTER) is on the first training node. c10d ignores --node-rank and orders nodes
+  # by hostname, which need not put rank 0 there (node10 sorts before node9).
   exec torchrun \
     --nnodes "${IGRPO_TRAIN_NODES:?}" --nproc-per-node "${IGRPO_GPUS_PER_NODE:?}" --node-rank "${node_id}" \
-    --rdzv-backend c10d --rdzv-endpoint "${IGRPO_TRAIN_MASTER:?}:${IGRPO_RDZV_PORT:-29500}" \
-    --rdzv-id "${SLURM_JOB_ID:-0}" \
+    --rdzv-backend static --rdzv-endpoint "${IGRPO_TRAIN_MASTER:?}:${IGRPO_RDZV_PORT:-29500}" \
     -m nemo_igrpo "$@" "${extra[@]}"
   ;;
 *)

@@ -79,7 +79,9 @@ def render(plan: JobPlan, hetjob: bool = False, config_label: str = "") -> str:
         "EXPORTS": exports,
         "VLLM_HOST_LINE": vllm_host_line,
         "CONTAINER_ARGS": " ".join(shlex.quote(a) for a in container_args(plan)),
-        "TRAINER_ARGS": " ".join(shlex.quote(a) for a in plan.trainer_args()),
+        # Fixed overrides single-quoted; run-time ones (the NCCL master address from Slurm)
+        # double-quoted so this script expands them after scontrol has named the nodes.
+        "TRAINER_ARGS": plan.trainer_shell_args(),
         "MAX_REQUEUES": str(plan.max_requeues),
     }
     for key, value in values.items():

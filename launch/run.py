@@ -99,8 +99,14 @@ def build_experiment(plan: JobPlan, packager: str, ssh_host: str | None = None):
     if plan.generation_nodes:
         executor.setup_lines = _host_setup_lines(plan)
         entry = f"{code_dir}/launch/node_entry.sh"
-        script = run.Script(inline=f"cd {code_dir}\nexec bash {entry} auto {shlex.join(trainer_args)}\n")
+        # Run-time overrides (the NCCL master address) stay double-quoted: each node's shell
+        # expands them from the variables the setup lines exported before srun.
+        script = run.Script(inline=f"cd {code_dir}\nexec bash {entry} auto {plan.trainer_shell_args(trainer_args)}\n")
     else:
+        if plan.runtime_overrides:
+            # build_plan makes them only for generation-node layouts; the Torchrun launcher has no
+            # shell of ours in which to expand them.
+            raise LaunchError(f"internal: run-time overrides {plan.runtime_overrides} without a generation node")
         executor.launcher = run.Torchrun(rdzv_port=29500)
         executor.torchrun_nproc_per_node = plan.gpus_per_node
         script = run.Script(path="nemo_igrpo", entrypoint="python", m=True, args=trainer_args)

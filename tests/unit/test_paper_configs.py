@@ -113,6 +113,9 @@ def test_paper_layout_divides_the_model_and_fits_80gb(path):
     layout = check_layout(cfg, str(path))
     assert layout.dp == train_gpus // (tp * pp)
     assert layout.train_memory_gib < 80
+    # The actor runs sequence parallel with the TE spec at TP > 1, and the estimate assumes what it does.
+    assert layout.sequence_parallel == (tp > 1 and cfg.policy.model.transformer_impl != "local")
+    assert layout.colocated_vllm_gib is None  # vLLM has its own node in every paper layout
     assert layout.kv_cache_tokens_per_replica >= cfg.generation.vllm.max_model_len
     # prompt + longest draft + completion fits the context the server is started with.
     draft = cfg.algorithm.template.max_draft_tokens or cfg.generation.max_new_tokens
