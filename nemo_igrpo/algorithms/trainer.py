@@ -416,6 +416,10 @@ class Trainer:
         # The export is collective: every rank must agree whether it runs. A sleeping engine that
         # dropped its weights needs them back even when this step's update was skipped.
         weights_dropped = _broadcast(weights_dropped)
+        if torch.cuda.is_available():
+            # Hand the update's cached activation blocks back to the driver before the engine
+            # wakes into the same GPU (the launcher's memory check counts on it).
+            torch.cuda.empty_cache()
         if batch.samples and (not skipped or weights_dropped):
             with timer.phase("weight_sync"):
                 self._sync_weights()
