@@ -1,19 +1,25 @@
 """The `igrpo` command line: train, eval, plot, convert, demo.
 
-Every subcommand validates its config before touching a model, and exits non-zero with a
-one-line message on bad input (ConfigError, DataError, ...), so a typo costs a second, not a
-queued Slurm job.
+Every subcommand validates its config before touching a model, and exits with code 2 and a
+one-line message on bad input (ConfigError, DataError, UnsupportedModelError, ...: see
+`utils.errors.user_error_types`), so a typo costs a second, not a queued Slurm job. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
+# Defined in utils.errors (so library modules can raise it without importing the CLI); kept
+# importable from here for existing callers (`from nemo_igrpo.cli import UserError`).
+from nemo_igrpo.utils.errors import UserError
 
-class UserError(Exception):
-    """An error the user can fix (bad input); printed without a traceback."""
+USER_ERROR_EXIT_CODE = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +36,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg))
         return 0
+    _check_model_dir(cfg.policy.model.hf_path)
     from nemo_igrpo.algorithms.trainer import train
 
     result = train(cfg)
@@ -39,6 +46,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 143
     return 0
+
+
+def _check_model_dir(hf_path: Optional[str]) -> None:
+    """Training needs the model folder on this machine. Config validation cannot insist on it (the
+    launcher loads cluster configs on a login node without the weights), so `train` checks here,
+    before the data is read and the actor is built, instead of failing inside transformers."""
+    if not hf_path:
+        return  # the tiny model (policy.model.tiny) is built from scratch
+    path = Path(hf_path)
+    if not path.is_dir():
+        raise UserError(f"policy.model.hf_path: {hf_path} is not a directory (expected a local Hugging Face "
+                        "model folder with config.json, the weights and the tokenizer)")
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise UserError(f"policy.model.hf_path: {hf_path} has no config.json (not a Hugging Face model folder)")
+    try:
+        json.loads(config_json.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"policy.model.hf_path: {config_json} is not readable JSON ({e})") from None
+    # The architecture too (UnsupportedModelError), before data loading and megatron set-up.
+    from nemo_igrpo.policy.model import read_architecture
+
+    read_architecture(path)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -119,17 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_rank_zero() -> bool:
+    # torchrun sets RANK in every worker. Config and data errors happen identically on every
+    # rank, so one copy of the message is enough; the other ranks still exit with code 2.
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (YAML and server errors can span several)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from nemo_igrpo.config import ConfigError
     from nemo_igrpo.utils.errors import user_error_types
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UserError, *user_error_types()) as e:
-        print(f"igrpo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # The set is taken after the command ran, so it includes the error types of modules the
+        # command imported (UnsupportedModelError lives next to megatron-core).
+        if not isinstance(e, user_error_types()):
+            raise  # a bug: keep the traceback
+        if _is_rank_zero() or os.environ.get("IGRPO_LOG_LEVEL", "").upper() == "DEBUG":
+            rank = os.environ.get("RANK")
+            where = f" (rank {rank})" if rank not in (None, "", "0") else ""
+            print(f"igrpo {args.command}: error{where}: {one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

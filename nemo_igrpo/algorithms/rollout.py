@@ -176,6 +176,9 @@ class IGRPORollout:
         )
         self._warned_no_source = False
         self.max_context_tokens = self.prompts.max_context_tokens
+        # Problems left out because their prompt cannot fit (the same every time they are drawn):
+        # each is logged once, with its file and line, and counted for the whole run.
+        self._unfit_problems: set[str] = set()
 
     # --- public -----------------------------------------------------------------------------
 
@@ -224,6 +227,11 @@ class IGRPORollout:
 
         samples, group_sizes, zero_length = self._train_samples(kept)
         metrics = self._metrics(states, kept, dropped, attempt, zero_length)
+        # Per-term failure counts of this step; raises RewardTermFailing for a term that has
+        # failed on every sample for reward.max_failing_steps steps (a fake manager may lack it).
+        end_step = getattr(self.reward_manager, "end_step", None)
+        if end_step is not None:
+            metrics.update(end_step())
         records = [self._record(s, step) for s in states[: self.num_records]]
         return RolloutBatch(samples=samples, metrics=metrics, records=records, group_sizes=group_sizes)
 
@@ -234,7 +242,7 @@ class IGRPORollout:
         states: list[_PromptState] = []
         for i, problem in enumerate(problems):
             try:
-                ids = self.prompts.plain(problem.prompt, problem_index=problem.index)
+                ids = self.prompts.plain(problem.prompt, problem_index=problem.index, where=problem.location)
             except PromptDoesNotFit as e:
                 self._report_unfit(e)
                 continue
@@ -312,7 +320,8 @@ class IGRPORollout:
             source_text = self._response_text(prev.results[sel.index])
             condition_reward = prev.rewards[sel.index]
         try:
-            built = self.prompts.with_draft(state.problem.prompt, source_text, problem_index=state.problem.index)
+            built = self.prompts.with_draft(state.problem.prompt, source_text, problem_index=state.problem.index,
+                                            where=state.problem.location)
         except PromptDoesNotFit as e:
             self._report_unfit(e)
             return None
@@ -408,7 +417,14 @@ class IGRPORollout:
 
     def _report_unfit(self, error: PromptDoesNotFit) -> None:
         self._unfit += 1
-        logger.warning("sample left out of this step: %s", error)
+        key = f"{error.where}|{error.key}"
+        if key in self._unfit_problems:
+            logger.debug("sample left out of this step: %s", error)
+            return
+        self._unfit_problems.add(key)
+        logger.warning("problem left out of this step, its prompt does not fit (logged once per problem; every "
+                       "occurrence is counted in samples/unfit, distinct problems in samples/unfit_problems_total): %s",
+                       error)
 
     def _train_samples(self, groups: list[_Group]) -> tuple[list[TrainSample], list[int], int]:
         samples: list[TrainSample] = []
@@ -481,6 +497,7 @@ class IGRPORollout:
         m["groups/kept"] = float(len(kept))
         m["groups/generation_batches"] = float(attempts + 1)
         m["samples/unfit"] = float(self._unfit)
+        m["samples/unfit_problems_total"] = float(len(self._unfit_problems))
         m["samples/zero_length"] = float(zero_length)
         kept_adv = [a for g in kept for a in g.advantages]
         m["samples/trained"] = float(sum(len(g.results) for g in kept) - zero_length)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nemo_igrpo.algorithms.config import DraftTemplateConfig
+from nemo_igrpo.utils.errors import UserError
 
 _DRAFT_SENTINEL = "\u2063NEMO_IGRPO_DRAFT_SLOT\u2063"  # invisible separators around a unique name
 _PLACEHOLDER = re.compile(r"\{prompt\}|\{draft\}")
@@ -40,13 +41,20 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 TRUNCATION_SIDES = ("left", "right")
 
 
-class PromptDoesNotFit(ValueError):
-    """A prompt (plain, or with its draft) does not fit the configured token limits."""
+class PromptDoesNotFit(UserError, ValueError):
+    """A prompt (plain, or with its draft) does not fit the configured token limits.
 
-    def __init__(self, message: str, *, problem_index: Optional[int], needed: int, limit: int, key: str):
-        where = f"problem {problem_index}: " if problem_index is not None else ""
-        super().__init__(f"{where}{message} (needs {needed} tokens, limit {limit}; see {key})")
+    `where` names the problem for the user ("train.jsonl: line 12", see `Problem.location`);
+    without it the message falls back to the problem's 0-based position."""
+
+    def __init__(self, message: str, *, problem_index: Optional[int], needed: int, limit: int, key: str,
+                 where: Optional[str] = None):
+        if where is None and problem_index is not None:
+            where = f"problem {problem_index}"
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}{message} (needs {needed} tokens, limit {limit}; see {key})")
         self.problem_index = problem_index
+        self.where = where
         self.needed = needed
         self.limit = limit
         self.key = key
@@ -167,19 +175,20 @@ class PromptBuilder:
 
     # --- plain prompt ------------------------------------------------------------------------
 
-    def plain(self, problem: str, problem_index: Optional[int] = None) -> list[int]:
-        """The prompt without a draft: drafts, plain GRPO, evaluation."""
+    def plain(self, problem: str, problem_index: Optional[int] = None, where: Optional[str] = None) -> list[int]:
+        """The prompt without a draft: drafts, plain GRPO, evaluation. `where` names the problem
+        in a PromptDoesNotFit (its file and line)."""
         ids = self._encode(self.render(problem))
         if len(ids) > self.max_prompt_tokens:
             raise PromptDoesNotFit(
                 "prompt is longer than the prompt budget", problem_index=problem_index, needed=len(ids),
-                limit=self.max_prompt_tokens, key="generation.max_prompt_tokens",
+                limit=self.max_prompt_tokens, key="generation.max_prompt_tokens", where=where,
             )
         if self.max_context_tokens is not None and len(ids) + self.max_new_tokens > self.max_context_tokens:
             raise PromptDoesNotFit(
                 "prompt plus the response budget exceeds the model context", problem_index=problem_index,
                 needed=len(ids) + self.max_new_tokens, limit=self.max_context_tokens,
-                key="generation.max_new_tokens / the model's context length",
+                key="generation.max_new_tokens / the model's context length", where=where,
             )
         return ids
 
@@ -192,7 +201,8 @@ class PromptBuilder:
             budget = min(budget, self.max_context_tokens - self.max_new_tokens - frame_tokens)
         return budget
 
-    def with_draft(self, problem: str, draft: str, problem_index: Optional[int] = None) -> RefinementPrompt:
+    def with_draft(self, problem: str, draft: str, problem_index: Optional[int] = None,
+                   where: Optional[str] = None) -> RefinementPrompt:
         """q' = the problem with the draft appended through the wrapper, as token ids."""
         if self.template.strip_reasoning:
             draft = strip_reasoning(draft)
@@ -211,7 +221,7 @@ class PromptBuilder:
                 "no room for the draft: prompt + wrapper + response budget exceed the model context",
                 problem_index=problem_index, needed=frame + self.max_new_tokens + min(len(draft_ids), 1),
                 limit=self.max_context_tokens if self.max_context_tokens is not None else frame,
-                key="generation.max_new_tokens / the model's context length",
+                key="generation.max_new_tokens / the model's context length", where=where,
             )
         total = len(draft_ids)
         truncated = total > budget

@@ -30,10 +30,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_igrpo.config.schema import IGRPOConfig
+from nemo_igrpo.utils.errors import UserError
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the file and the key path that caused it."""
+class ConfigError(UserError, ValueError):
+    """A configuration problem, with the file and the key path that caused it.
+
+    Still a ValueError for library callers; a UserError so the CLI prints it as one line."""
 
 
 @dataclass
@@ -212,8 +215,12 @@ def _undeclared_group(path: Path, override: str) -> Optional[Path]:
     return None
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> IGRPOConfig:
-    """Compose, check required values, resolve interpolations, and return typed objects."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                import_reward_terms: bool = True) -> IGRPOConfig:
+    """Compose, check required values, resolve interpolations, validate, and return typed objects.
+
+    import_reward_terms=False: do not import `module:function` reward terms (for tools that only
+    render a job for another machine, e.g. the Slurm launcher on a login node)."""
     cfg = compose(path, overrides)
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -236,7 +243,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> IGRPO
         raise ConfigError(f"{path}: bad value for '{key}': {e}") from None
     from nemo_igrpo.config.validate import validate_config
 
-    validate_config(obj, source=str(path))
+    validate_config(obj, source=str(path), import_reward_terms=import_reward_terms)
     return obj  # type: ignore[return-value]
 
 

@@ -52,3 +52,8 @@ class RewardConfig:
     # forked child can inherit a held lock. "forkserver" forks replacements (after a killed,
     # hung sample) from a clean pre-imported server in milliseconds; "spawn" is the portable one.
     start_method: str = "forkserver"
+    # A term that fails (raises, times out, NaN, out of range) on every sample of this many
+    # consecutive training steps stops the run with its last error: every score it gave was
+    # reward.fallback_score, so training on it only wastes the allocation. 0: never stop (the
+    # per-step reward/<term>/errors metric and a warning per such step still show it).
+    max_failing_steps: int = 10

@@ -13,6 +13,11 @@ Why it is built this way:
   the fallback too. Every such event is counted in metrics (reward/errors, reward/timeouts,
   reward/nonfinite, reward/out_of_range), and the first one of each kind per term is logged
   with the sample index and the start of the response.
+- A term that fails on *every* sample is a broken term, not a bad sample: `end_step()` (called
+  by the rollout once per training step) reports `reward/<term>/errors` for the step, warns on
+  each step a term failed throughout, and after `reward.max_failing_steps` such steps in a row
+  raises `RewardTermFailing` naming the term and its last error, instead of training on nothing
+  but fallback scores.
 - Workers are started with "forkserver" (default) or "spawn", never "fork": the trainer holds
   torch/gloo threads, and a forked child can inherit a lock held by one of them.
 - Samples go to workers in chunks to keep the IPC cost per sample small; the deadline is
@@ -23,6 +28,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import math
@@ -42,7 +48,8 @@ import numpy as np
 from nemo_igrpo.config.loader import ConfigError
 from nemo_igrpo.rewards.base import RewardOutput, RewardSample
 from nemo_igrpo.rewards.config import RewardConfig
-from nemo_igrpo.rewards.registry import RewardResolutionError, resolve_reward
+from nemo_igrpo.rewards.registry import REWARD_FUNCTIONS, RewardResolutionError, resolve_reward
+from nemo_igrpo.utils.errors import RewardTermFailing
 
 logger = logging.getLogger(__name__)
 
@@ -248,24 +255,22 @@ class _WorkerPool:
 # Manager
 
 
+def check_reward_config(cfg: RewardConfig, import_paths: bool = True) -> None:
+    """Every check of `reward.*` that needs no worker process, at config load time.
+
+    Resolves each term (importing `module:function` terms), checks its kwargs against its
+    signature and that it can reach the workers, so a misspelt term fails before any model is
+    built. Raises RewardConfigError whose message starts with the key ("reward.terms[1].name: ...").
+    import_paths=False leaves `module:function` terms unresolved, for a machine that only renders
+    a job (a Slurm login node) and may lack the user's package.
+    """
+    RewardManager._check(cfg, import_paths)
+
+
 class RewardManager:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self._terms = self._build_terms(cfg)
-        names = [t.name for t in self._terms]
-        if cfg.correctness_term not in names:
-            raise RewardConfigError(
-                f"reward.correctness_term: {cfg.correctness_term!r} is not one of the configured terms {names}"
-            )
-        if cfg.num_workers < 0:
-            raise RewardConfigError("reward.num_workers: must be >= 0 (0 runs terms inline, without isolation)")
-        if cfg.start_method not in ("forkserver", "spawn"):
-            raise RewardConfigError(
-                f"reward.start_method: {cfg.start_method!r} is not 'forkserver' or 'spawn' "
-                "('fork' is unsafe in a process with torch/gloo threads)"
-            )
-        if not (cfg.timeout_s > 0):
-            raise RewardConfigError("reward.timeout_s: must be > 0")
+        self._terms = self._check(cfg)
         self._pool_terms = [i for i, t in enumerate(self._terms) if t.name != JUDGE_TERM]
         self._judge_index = next((i for i, t in enumerate(self._terms) if t.name == JUDGE_TERM), None)
         self._judge = None
@@ -284,10 +289,43 @@ class RewardManager:
         self._lock = threading.Lock()
         self._async: Optional[ThreadPoolExecutor] = None
         self._logged: set[tuple[str, str]] = set()
+        # Per training step (see end_step): term -> [samples that fell back, samples scored].
+        self._window: dict[str, list[int]] = {}
+        self._last_error: dict[str, str] = {}  # term -> its latest failure message
+        self._failing_steps: dict[str, int] = {t.name: 0 for t in self._terms}
         self._closed = False
 
     @staticmethod
-    def _build_terms(cfg: RewardConfig) -> list[_Term]:
+    def _check(cfg: RewardConfig, import_paths: bool = True) -> list[_Term]:
+        terms = RewardManager._build_terms(cfg, import_paths)
+        names = [t.name for t in terms]
+        if cfg.correctness_term not in names:
+            raise RewardConfigError(
+                f"reward.correctness_term: {cfg.correctness_term!r} is not one of the configured terms {names}"
+            )
+        if cfg.num_workers < 0:
+            raise RewardConfigError("reward.num_workers: must be >= 0 (0 runs terms inline, without isolation)")
+        if cfg.start_method not in ("forkserver", "spawn"):
+            raise RewardConfigError(
+                f"reward.start_method: {cfg.start_method!r} is not 'forkserver' or 'spawn' "
+                "('fork' is unsafe in a process with torch/gloo threads)"
+            )
+        if not (cfg.timeout_s > 0):
+            raise RewardConfigError("reward.timeout_s: must be > 0")
+        if cfg.max_failing_steps < 0:
+            raise RewardConfigError("reward.max_failing_steps: must be >= 0 (0 never stops the run)")
+        for i, term in enumerate(terms):
+            if term.name == JUDGE_TERM:
+                from nemo_igrpo.rewards.judge import judge_config_with
+
+                try:
+                    judge_config_with(cfg.judge, term.kwargs)
+                except ValueError as e:
+                    raise RewardConfigError(f"reward.terms[{i}].kwargs: {e}") from None
+        return terms
+
+    @staticmethod
+    def _build_terms(cfg: RewardConfig, import_paths: bool = True) -> list[_Term]:
         if not cfg.terms:
             raise RewardConfigError("reward.terms: at least one reward term is needed")
         terms: list[_Term] = []
@@ -295,10 +333,19 @@ class RewardManager:
             key = f"reward.terms[{i}]"
             if any(t.name == term.name for t in terms):
                 raise RewardConfigError(f"{key}.name: {term.name!r} appears twice; combine them into one term")
+            if not import_paths and ":" in term.name:
+                # Not resolved here (see check_reward_config); only its name is used by the checks.
+                terms.append(_Term(term.name, float(term.weight), None, dict(term.kwargs or {}),  # type: ignore[arg-type]
+                                   float(term.min_score), float(term.max_score)))
+                continue
             try:
                 fn = resolve_reward(term.name)
             except RewardResolutionError as e:
-                raise RewardConfigError(f"{key}.name: {e}") from None
+                hint = ""
+                if ":" not in term.name:  # a registered name, misspelt: suggest the closest one
+                    close = difflib.get_close_matches(term.name, sorted(REWARD_FUNCTIONS), n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise RewardConfigError(f"{key}.name: {e}{hint}") from None
             if not math.isfinite(term.weight):
                 raise RewardConfigError(f"{key}.weight: must be a finite number, got {term.weight}")
             if not term.min_score <= term.max_score:
@@ -313,7 +360,9 @@ class RewardManager:
                 except ValueError:
                     pass  # no signature available (a builtin): checked at call time
                 try:
-                    pickle.dumps((fn, kwargs))
+                    # Inline mode (num_workers=0) never pickles; the worker pool does.
+                    if cfg.num_workers > 0:
+                        pickle.dumps((fn, kwargs))
                 except Exception as e:  # noqa: BLE001
                     raise RewardConfigError(
                         f"{key}: the function and kwargs must be picklable to reach the worker processes "
@@ -404,8 +453,10 @@ class RewardManager:
 
         per_term: dict[str, np.ndarray] = {}
         counts = {"errors": 0, "timeouts": 0, "nonfinite": 0, "out_of_range": 0}
+        term_failures: dict[str, int] = {}
         for t, term in enumerate(self._terms):
             values = raw[t]
+            failed = 0
             for i in range(n):
                 kind = status[t, i]
                 if kind == "ok":
@@ -417,9 +468,18 @@ class RewardManager:
                 if kind == "ok":
                     continue
                 counts["timeouts" if kind == "timeout" else "errors" if kind == "error" else kind] += 1
+                failed += 1
                 values[i] = self.cfg.fallback_score
-                self._log_first(term.name, kind, i, messages.get((t, i), "no score"), samples[i].response)
+                message = messages.get((t, i), "no score")
+                # The judge reports one message per batch: keep a real message over "no score".
+                if (t, i) in messages or term.name not in self._last_error:
+                    self._last_error[term.name] = f"{kind} on sample {i}: {message}"
+                self._log_first(term.name, kind, i, message, samples[i].response)
             per_term[term.name] = values.astype(np.float64)
+            term_failures[term.name] = failed
+            window = self._window.setdefault(term.name, [0, 0])
+            window[0] += failed
+            window[1] += n
 
         weights = np.array([t.weight for t in self._terms], dtype=np.float64)
         stacked = np.stack([per_term[t.name] for t in self._terms]) if n else np.zeros((num_terms, 0))
@@ -436,6 +496,8 @@ class RewardManager:
         }
         for term in self._terms:
             metrics[f"reward/{term.name}/mean"] = float(per_term[term.name].mean()) if n else 0.0
+            # Every kind of failure of this term (error, timeout, non-finite, out of range).
+            metrics[f"reward/{term.name}/errors"] = float(term_failures[term.name])
         if self._judge is not None:
             metrics["reward/judge_requests"] = float(judge_requests)
             metrics["reward/judge_cache_hits"] = float(judge_cache_hits)
@@ -452,9 +514,57 @@ class RewardManager:
                 value = term.fn(prompt, response, reference, **term.kwargs)
                 results[task_id] = (("ok", float(value)) if isinstance(value, numbers.Real)
                                     else ("error", f"returned a {type(value).__name__}, not a number"))
-            except Exception as e:  # noqa: BLE001
+            except (Exception, SystemExit) as e:  # noqa: BLE001
+                # SystemExit too (a reward calling sys.exit() or exit()): in a worker it is one
+                # sample's error, and inline it must not end the trainer with exit code 0.
+                # KeyboardInterrupt still propagates: Ctrl-C is the user's, not the reward's.
                 results[task_id] = ("error", f"{type(e).__name__}: {str(e)[:500]}")
         return results
+
+    # --- per training step ----------------------------------------------------------------------
+    def end_step(self) -> dict[str, float]:
+        """Close one training step: per-term failure counts of the step's scoring calls.
+
+        Returns `reward/<term>/errors` (samples of this step that term failed on, summed over the
+        step's calls) and `reward/<term>/failing_steps` (consecutive steps on which it failed on
+        every sample). Raises RewardTermFailing once a term reaches reward.max_failing_steps.
+        A step on which a term scored nothing (no samples) neither breaks nor extends its run.
+        """
+        with self._lock:
+            window, self._window = self._window, {}
+        metrics: dict[str, float] = {}
+        limit = self.cfg.max_failing_steps
+        broken: Optional[tuple[str, int]] = None
+        for term in self._terms:
+            failed, total = window.get(term.name, (0, 0))
+            metrics[f"reward/{term.name}/errors"] = float(failed)
+            if total > 0:
+                if failed == total:
+                    self._failing_steps[term.name] += 1
+                    streak = self._failing_steps[term.name]
+                    logger.warning(
+                        "reward term %r failed on all %d samples of this step (%d step(s) in a row%s); "
+                        "they were scored reward.fallback_score=%s. Last error: %s",
+                        term.name, total, streak,
+                        f"; the run stops at reward.max_failing_steps={limit}" if limit > 0 else "",
+                        self.cfg.fallback_score, self._last_error.get(term.name, "?"),
+                    )
+                else:
+                    self._failing_steps[term.name] = 0
+            streak = self._failing_steps[term.name]
+            metrics[f"reward/{term.name}/failing_steps"] = float(streak)
+            if limit > 0 and streak >= limit and broken is None:
+                broken = (term.name, streak)
+        if broken is not None:
+            name, streak = broken
+            last = self._last_error.get(name, "?")
+            raise RewardTermFailing(
+                f"reward term {name!r} failed on every sample for {streak} consecutive steps "
+                f"(reward.max_failing_steps={limit}); last error: {last}. Fix the reward function or its "
+                f"kwargs, or remove it from reward.terms (reward.max_failing_steps=0 never stops)",
+                term=name, steps=streak, last_error=last,
+            )
+        return metrics
 
     def _log_first(self, term: str, kind: str, index: int, message: str, response: str) -> None:
         if (term, kind) in self._logged:

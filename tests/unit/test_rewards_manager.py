@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from nemo_igrpo.rewards.base import RewardSample
 from nemo_igrpo.rewards.config import RewardConfig, RewardTermConfig
-from nemo_igrpo.rewards.manager import RewardConfigError, RewardManager
+from nemo_igrpo.rewards.manager import RewardConfigError, RewardManager, check_reward_config
 from nemo_igrpo.rewards.registry import register_reward
 
 TIMEOUT_S = 3.0
@@ -35,6 +36,8 @@ def misbehaving_reward(prompt, response, reference, bonus=1.0):
         return "1.0"
     if "EXIT" in response:
         os._exit(3)  # the worker process dies
+    if "QUIT" in response:
+        sys.exit(0)  # a reward that "gives up" the way a script would
     return bonus
 
 
@@ -101,6 +104,8 @@ def test_bad_samples_get_the_fallback_and_are_counted(manager, caplog):
     assert m["reward/nonfinite"] == 2
     assert m["reward/out_of_range"] == 1
     assert m["reward/timeouts"] == 1
+    # per term: every kind of failure of the user term, none of the others
+    assert m[f"reward/{USER_TERM}/errors"] == 7 and m["reward/math_accuracy/errors"] == 0
     # one hang costs one timeout, not one per queued sample
     assert elapsed < TIMEOUT_S + 6
     errors = [r.getMessage() for r in caplog.records if "error on sample" in r.getMessage()]
@@ -183,3 +188,83 @@ register_reward("test_manager_lambda")(lambda prompt, response, reference: 1.0)
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(RewardConfigError, match=message):
         RewardManager(make_config(**overrides))
+
+
+# --- a reward that exits, a term that always fails ---------------------------------------------------
+
+
+def test_system_exit_is_one_sample_error_inline_and_in_workers(manager):
+    # Inline (num_workers=0) a SystemExit used to propagate and end the trainer with exit code 0.
+    cfg = make_config(num_workers=0)
+    with RewardManager(cfg) as inline:
+        out = inline.score([sample("12", extra=" QUIT"), sample("12")])
+    assert out.per_term[USER_TERM].tolist() == [0.0, 1.0]
+    assert out.metrics["reward/errors"] == 1 and out.metrics[f"reward/{USER_TERM}/errors"] == 1
+    out = manager.score([sample("12", extra=" QUIT"), sample("12")])  # the worker pool: same outcome
+    assert out.per_term[USER_TERM].tolist() == [0.0, 1.0] and out.metrics["reward/errors"] == 1
+
+
+def broken_reward(prompt, response, reference):
+    if "FINE" in response:
+        return 1.0
+    raise KeyError("tests")  # e.g. a code reward given a dataset without test cases
+
+
+BROKEN_TERM = f"{__name__}:broken_reward"
+
+
+def test_a_term_failing_on_every_sample_is_counted_then_stops_the_run(caplog):
+    from nemo_igrpo.utils.errors import RewardTermFailing, TrainingAborted, user_error_types
+
+    cfg = make_config(num_workers=0, max_failing_steps=3,
+                      terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)])
+    with RewardManager(cfg) as m, caplog.at_level(logging.WARNING, logger="nemo_igrpo.rewards.manager"):
+        # Step 1: drafts and refinements (two calls), every sample fails.
+        m.score([sample("12"), sample("11")])
+        m.score([sample("12")])
+        metrics = m.end_step()
+        assert metrics[f"reward/{BROKEN_TERM}/errors"] == 3 and metrics[f"reward/{BROKEN_TERM}/failing_steps"] == 1
+        assert metrics["reward/math_accuracy/errors"] == 0 and metrics["reward/math_accuracy/failing_steps"] == 0
+        assert "failed on all 3 samples of this step (1 step(s) in a row; the run stops at " \
+               "reward.max_failing_steps=3)" in caplog.text and "KeyError: 'tests'" in caplog.text
+        # Step 2: one sample scored, so the term works sometimes: the streak restarts.
+        m.score([sample("12", extra=" FINE"), sample("12")])
+        metrics = m.end_step()
+        assert metrics[f"reward/{BROKEN_TERM}/errors"] == 1 and metrics[f"reward/{BROKEN_TERM}/failing_steps"] == 0
+        # A step that scored nothing neither breaks nor extends the streak.
+        for _ in range(2):
+            m.score([sample("12")])
+            m.end_step()
+        assert m.end_step()[f"reward/{BROKEN_TERM}/failing_steps"] == 2
+        m.score([sample("12")])
+        with pytest.raises(RewardTermFailing) as e:
+            m.end_step()
+    msg = str(e.value)
+    assert msg.startswith(f"reward term '{BROKEN_TERM}' failed on every sample for 3 consecutive steps "
+                          "(reward.max_failing_steps=3); last error: error on sample 0: KeyError: 'tests'")
+    assert e.value.term == BROKEN_TERM and e.value.steps == 3
+    # The CLI prints it as one line with exit code 2, like the other deliberate stops.
+    assert isinstance(e.value, TrainingAborted) and isinstance(e.value, user_error_types())
+
+
+def test_max_failing_steps_zero_only_counts():
+    cfg = make_config(num_workers=0, max_failing_steps=0,
+                      terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)])
+    with RewardManager(cfg) as m:
+        for _ in range(12):
+            m.score([sample("12")])
+            metrics = m.end_step()
+    assert metrics[f"reward/{BROKEN_TERM}/failing_steps"] == 12 and metrics[f"reward/{BROKEN_TERM}/errors"] == 1
+
+
+def test_config_is_checked_without_starting_workers():
+    # What config validation runs at load time: the same messages, no process started.
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    with pytest.raises(RewardConfigError, match=r"reward.terms\[0\].name: reward term 'nope' is not registered"):
+        check_reward_config(make_config(terms=[RewardTermConfig("nope")]))
+    with pytest.raises(RewardConfigError, match="reward.max_failing_steps: must be >= 0"):
+        check_reward_config(make_config(max_failing_steps=-1))
+    check_reward_config(make_config())
+    assert len(multiprocessing.active_children()) == before
