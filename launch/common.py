@@ -228,7 +228,7 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
         if site.gpus_per_node is not None and "cluster.gpus_per_node" not in " ".join(overrides):
             overrides = [*overrides, f"cluster.gpus_per_node={site.gpus_per_node}"]
         try:
-            cfg = load_config(config, overrides)
+            cfg = load_config(config, overrides, import_reward_terms=False)
         except ConfigError as e:
             raise LaunchError(str(e)) from None
     finally:

@@ -33,7 +33,7 @@ from nemo_igrpo.algorithms.checkpointing import checkpoint_dir, latest_checkpoin
 from nemo_igrpo.config.loader import save_config
 from nemo_igrpo.config.schema import IGRPOConfig
 from nemo_igrpo.utils import collectives
-from nemo_igrpo.utils.errors import GenerationServerError, TrainingAborted
+from nemo_igrpo.utils.errors import GenerationServerError, RewardTermFailing, TrainingAborted
 from nemo_igrpo.utils.metrics_log import MetricsLogger, step_summary, truncate_metrics
 
 logger = logging.getLogger("nemo_igrpo.trainer")
@@ -377,18 +377,23 @@ class Trainer:
                 with timer.phase("rollout"):
                     problems = self.sampler.next_batch()
                     batch = self.rollout.run(problems, step)
-            except GenerationServerError as e:
+            except (GenerationServerError, RewardTermFailing) as e:
                 # Nothing of this step has touched the policy: put the data order back so the
-                # checkpoint of the previous step resumes exactly here once the server is back.
+                # checkpoint of the previous step resumes exactly here once the cause is fixed.
                 self.sampler.load_state_dict(before)
-                failure = str(e)
+                failure = (type(e).__name__, str(e))
+        # Every rank learns of rank 0's failure (they wait here), saves and stops the same way.
         failure = _broadcast(failure)
         if failure is not None:
+            kind, message = failure
             if step > 1:
-                self._save(step - 1, "generation server failure")
-            raise GenerationServerError(
-                f"step {step}: {failure}. No work was lost: the last completed step is checkpointed under "
-                f"{self.ckpt_root}; rerun the same command when the server is back to resume.")
+                self._save(step - 1, "generation server failure" if kind == "GenerationServerError" else "reward failure")
+            saved = (f"No work was lost: the last completed step is checkpointed under {self.ckpt_root}; "
+                     if step > 1 else "")
+            if kind == "GenerationServerError":
+                raise GenerationServerError(
+                    f"step {step}: {message}. {saved}rerun the same command when the server is back to resume.")
+            raise RewardTermFailing(f"step {step}: {message}. {saved}rerun the same command to resume once fixed.")
         batch = _broadcast(batch)
         sampler_state = _broadcast(self.sampler.state_dict() if self.is_main else None)
         self.sampler.load_state_dict(sampler_state)

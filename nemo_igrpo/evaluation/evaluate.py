@@ -16,6 +16,7 @@ from nemo_igrpo.data.datasets import Problem
 from nemo_igrpo.evaluation.metrics import mean_pass_at_k
 from nemo_igrpo.generation.interface import GenerationBackend, SamplingParams
 from nemo_igrpo.rewards.base import RewardSample
+from nemo_igrpo.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def evaluate(backend: GenerationBackend, prompt_builder, reward_manager, problem
              cfg: EvalConfig, *, max_new_tokens: int, stop_token_ids: Sequence[int] = (), seed: int = 0,
              name: str = "eval", num_examples: int = 3) -> EvalResult:
     if not problems:
-        raise ValueError(f"{name}: no problems to evaluate")
+        raise UserError(f"{name}: no problems to evaluate")
     start = time.time()
-    prompts = [prompt_builder.plain(p.prompt, p.index) for p in problems]
+    prompts = [prompt_builder.plain(p.prompt, p.index, where=p.location) for p in problems]
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.num_samples,
                             max_new_tokens=cfg.max_new_tokens or max_new_tokens,
                             stop_token_ids=list(stop_token_ids), seed=seed + EVAL_SEED_OFFSET)
@@ -98,9 +99,9 @@ def _resolve_model_dir(checkpoint: str, cfg) -> tuple[str, Optional[str]]:
 
         ckpt = latest_checkpoint(path / "checkpoints")
         if ckpt is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint under checkpoints/ and no hf/ export")
+            raise UserError(f"{path}: no complete checkpoint under checkpoints/ and no hf/ export")
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a HF directory, run directory or checkpoint")
+        raise UserError(f"--checkpoint {checkpoint}: not a HF directory, run directory or checkpoint")
     import tempfile
 
     from nemo_igrpo.policy.actor import MegatronActor
@@ -125,12 +126,12 @@ def run_eval_cli(args) -> int:
     cfg = load_config(args.config, args.overrides)
     benchmarks = list(args.benchmark) or ([cfg.data.eval_path] if cfg.data.eval_path else [])
     if not benchmarks:
-        raise ValueError("no benchmark: pass --benchmark FILE.jsonl or set data.eval_path")
+        raise UserError("no benchmark: pass --benchmark FILE.jsonl or set data.eval_path")
     sets = [(Path(b).stem, load_problems(b, cfg.data.prompt_key, cfg.data.answer_key, split="test",
                                          limit=cfg.data.max_eval_samples)) for b in benchmarks]
     source = args.checkpoint or cfg.policy.model.hf_path
     if not source:
-        raise ValueError("no model: pass --checkpoint (HF dir, run dir or checkpoint) or set policy.model.hf_path")
+        raise UserError("no model: pass --checkpoint (HF dir, run dir or checkpoint) or set policy.model.hf_path")
     model_dir, cleanup = _resolve_model_dir(source, cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

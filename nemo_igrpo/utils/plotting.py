@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nemo_igrpo.utils.errors import UserError
 from nemo_igrpo.utils.metrics_log import read_metrics
 
 PANELS = [
@@ -20,7 +21,7 @@ def plot_runs(run_dirs: Sequence[str], out_dir: Optional[str] = None, labels: Op
     import matplotlib.pyplot as plt
 
     if labels and len(labels) != len(run_dirs):
-        raise ValueError(f"--labels: got {len(labels)} labels for {len(run_dirs)} runs")
+        raise UserError(f"--labels: got {len(labels)} labels for {len(run_dirs)} runs")
     runs = [(labels[i] if labels else Path(d).name, read_metrics(d)) for i, d in enumerate(run_dirs)]
     out = Path(out_dir) if out_dir else Path(run_dirs[0]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -50,5 +51,5 @@ def plot_runs(run_dirs: Sequence[str], out_dir: Optional[str] = None, labels: Op
         plt.close(fig)
         written.append(path)
     if not written:
-        raise ValueError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
+        raise UserError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
     return written

@@ -9,3 +9,8 @@ def digit_fraction(prompt: str, response: str, reference, **kwargs) -> float:
     if not response:
         return 0.0
     return sum(ch.isdigit() for ch in response) / len(response)
+
+
+def broken(prompt: str, response: str, reference, **kwargs) -> float:
+    """A reward with a bug: it fails on every sample (the trainer must stop, not train on 0s)."""
+    raise KeyError("tests")
