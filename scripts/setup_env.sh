@@ -6,6 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+# The code_tests reward runs solutions in a bubblewrap sandbox and refuses to run without it.
+# Checked on every run (a machine may have .venv but not bwrap); costs nothing when present.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup_env] installing bubblewrap (Debian package) for the code_tests sandbox"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null
+  else
+    echo "[setup_env] warning: bwrap (bubblewrap) is missing and this is not root with apt-get;" \
+         "install it to use the code_tests reward (its tests will fail without it)" >&2
+  fi
+fi
 STAMP="$VENV/.nemo-igrpo-env"
 want=$(cat requirements/cpu.txt requirements/nodeps.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c 'import nemo_igrpo' 2>/dev/null; then

@@ -271,6 +271,12 @@ class RewardManager:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
         self._terms = self._check(cfg)
+        # A term that needs something of the host (the code sandbox: bubblewrap and user
+        # namespaces) says so now, once, before any model is trained; never per sample.
+        for i, term in enumerate(self._terms):
+            check_host = getattr(term.fn, "check_host", None)
+            if callable(check_host):
+                check_host(**term.kwargs)
         self._pool_terms = [i for i, t in enumerate(self._terms) if t.name != JUDGE_TERM]
         self._judge_index = next((i for i, t in enumerate(self._terms) if t.name == JUDGE_TERM), None)
         self._judge = None
