@@ -1,4 +1,4 @@
-"""The `igrpo` command line: train, eval, plot, convert, demo.
+"""The `igrpo` command line: train, eval (one file or the paper's suite), data prepare, plot, convert, demo.
 
 Every subcommand validates its config before touching a model, and exits with code 2 and a
 one-line message on bad input (ConfigError, DataError, UnsupportedModelError, ...: see
@@ -77,6 +77,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_eval_cli(args)
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from nemo_igrpo.data.prepare import run_data_cli
+
+    return run_data_cli(args)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from nemo_igrpo.utils.plotting import plot_runs
 
@@ -115,10 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="single-shot evaluation: Pass@1 over k samples and unbiased pass@k",
                        description="Evaluate a run's checkpoint or a Hugging Face directory single-shot (no draft), as deployed.")
     _add_config_args(p)
-    p.add_argument("--checkpoint", help="a run directory, a checkpoints/step_N directory, or a Hugging Face model directory")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="a run directory, a checkpoints/step_N directory, or a Hugging Face model directory; "
+                   "with --suite, give it twice to compare two models side by side")
     p.add_argument("--benchmark", action="append", default=[], help="JSONL benchmark file (repeatable); default: data.eval_path")
-    p.add_argument("--output", help="where to write the JSON report (default: <run.dir>/eval/report.json)")
+    p.add_argument("--output", help="where to write the JSON report (default: <run.dir>/eval/report.json, "
+                   "with --suite <run.dir>/eval/suite_NAME.json and a .md table next to it)")
+    g = p.add_argument_group("suite", "the paper's benchmarks and protocol (docs/evaluation.md)")
+    g.add_argument("--suite", help="'paper' (AIME25, AIME24, MATH500, AMC, GSM8K, Minerva; T=0.6, top-p 0.95, "
+                   "Pass@1 over 64 samples for AIME, 8 for the others) or a suite YAML file")
+    g.add_argument("--data-dir", help="folder of prepared benchmark files named <benchmark>.jsonl "
+                   "(igrpo data prepare; default: $IGRPO_BENCHMARK_DIR or data/benchmarks)")
+    g.add_argument("--benchmarks", help="comma-separated subset of the suite's benchmarks, e.g. aime24,math500")
+    g.add_argument("--samples", action="append", metavar="N|NAME=N",
+                   help="samples per problem instead of the suite's (repeatable; marked in the table as a deviation)")
+    g.add_argument("--labels", nargs="+", help="row labels, one per --checkpoint (default: folder names)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="turn the paper's datasets, as published, into this project's JSONL",
+                       description="Read a dataset you already have (a saved Hugging Face dataset folder, a hub snapshot "
+                       "folder, Parquet, JSONL or JSON; nothing is downloaded) and write JSONL with the problem, the "
+                       "reference answer extracted as the benchmark defines it, an id and the source.")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("prepare", help="convert one dataset: igrpo data prepare NAME SRC OUT",
+                            description="NAME: math, acereason_math, math500, aime24, aime25, amc23, gsm8k, minerva_math "
+                            "(igrpo data list). OUT: a .jsonl file, or a folder that gets NAME.jsonl (the suite's layout).")
+    d.add_argument("name", help="dataset name (igrpo data list)")
+    d.add_argument("source", help="saved HF dataset folder, hub snapshot folder, .parquet, .jsonl or .json")
+    d.add_argument("output", help="output .jsonl file, or a folder (gets NAME.jsonl)")
+    d.add_argument("--split", help="split of a dataset with several (default: test for benchmarks, train for MATH / AceReason)")
+    d.add_argument("--limit", type=int, help="keep the first N problems")
+    d.add_argument("--prompt-key", default="problem", help="key of the problem text in the output (data.prompt_key)")
+    d.add_argument("--answer-key", default="answer", help="key of the reference answer in the output (data.answer_key)")
+    d.add_argument("--all-years", action="store_true",
+                   help="AIME / AMC: keep rows of other years too (by default only the benchmark's year is kept)")
+    d.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out rows without a usable problem or answer (counted) instead of stopping at the first")
+    d.set_defaults(func=_cmd_data)
+    d = data_sub.add_parser("list", help="the dataset names and the published formats each accepts")
+    d.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("plot", help="plot reward, accuracy and entropy per step; several runs are overlaid",
                        description="Write PNG plots of metrics.jsonl from one or more run directories (e.g. GRPO vs iGRPO).")

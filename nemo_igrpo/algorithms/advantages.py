@@ -11,7 +11,8 @@ decorated function:
     @register_advantage("my_estimator")
     def my_estimator(rewards, eps): ...
 
-and is then selectable with `algorithm.advantage=my_estimator`.
+and is then selectable with `algorithm.advantage=my_estimator`; or, without registering (and
+without a fork), by import path: `algorithm.advantage=my_pkg.advantages:my_estimator`.
 
 Shared conventions (see docs/algorithm.md):
 - the computation runs in float64 and the result is cast back to the rewards' dtype, so small
@@ -33,7 +34,8 @@ from nemo_igrpo.utils.registry import Registry
 
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
 
-ADVANTAGE_ESTIMATORS = Registry("estimator", "algorithm.advantage")
+ADVANTAGE_ESTIMATORS = Registry("estimator", "algorithm.advantage", arity=2,
+                                signature="fn(rewards: Tensor[num_groups, group_size], eps: float) -> Tensor")
 register_advantage = ADVANTAGE_ESTIMATORS.register  # @register_advantage("name"); names are unique
 get_advantage_estimator: Callable[[str], AdvantageFn] = ADVANTAGE_ESTIMATORS.lookup
 

@@ -13,6 +13,9 @@ losses and clip masks; aggregation, KL and metrics are shared:
     @register_policy_loss("my_loss")
     def my_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput: ...
 
+or, without registering, `algorithm.policy_loss=my_pkg.losses:my_loss` (an import path, resolved by
+utils/registry.py); `algorithm.loss_aggregation` takes import paths the same way.
+
 Formulas (docs/algorithm.md has the full derivation and the paper's statement):
     clipped:  L_t = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high)),  rho_t = pi/pi_old
               dual clip (c > 1): for A < 0, L_t = min(L_t, -A c)
@@ -47,7 +50,8 @@ class PolicyLossOutput:
 
 
 PolicyLossFn = Callable[[LossInputs, AlgorithmConfig], PolicyLossOutput]
-POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss")
+POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss", arity=2,
+                         signature="fn(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput")
 register_policy_loss = POLICY_LOSSES.register  # @register_policy_loss("name")
 get_policy_loss: Callable[[str], PolicyLossFn] = POLICY_LOSSES.lookup
 
@@ -123,7 +127,8 @@ def gspo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
 # --- aggregation ----------------------------------------------------------------------------
 
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, int, LossNormalizer], torch.Tensor]
-LOSS_AGGREGATIONS = Registry("loss aggregation", "algorithm.loss_aggregation")
+LOSS_AGGREGATIONS = Registry("loss aggregation", "algorithm.loss_aggregation", arity=4,
+                             signature="fn(per_token, seq_ids, num_seqs, norm: LossNormalizer) -> Tensor (a share)")
 register_aggregation = LOSS_AGGREGATIONS.register
 
 
@@ -221,6 +226,10 @@ class PolicyLoss:
             raise ValueError(f"LossNormalizer needs positive counts, got num_tokens={norm.num_tokens}, num_seqs={norm.num_seqs}")
         cfg = self.cfg
         out = self.policy_loss(inputs, cfg)
+        if not isinstance(out, PolicyLossOutput):
+            # A plug-in loss (import path) is only known by its signature until it runs.
+            raise TypeError(f"algorithm.policy_loss={cfg.policy_loss!r} returned {type(out).__name__}, "
+                            "expected nemo_igrpo.algorithms.losses.PolicyLossOutput")
         per_token_loss = out.per_token_loss
         metrics: dict[str, torch.Tensor] = {}
         if cfg.tis_cap is not None:

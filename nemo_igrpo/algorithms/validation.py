@@ -20,8 +20,12 @@ def probe_drafts(cfg: AlgorithmConfig) -> int:
     return max(2, math.ceil(cfg.num_drafts / 2))
 
 
-def algorithm_config_problems(cfg: AlgorithmConfig, generation=None) -> list[tuple[str, str]]:
-    """All problems with `cfg`; `generation` (a GenerationConfig) enables the length checks."""
+def algorithm_config_problems(cfg: AlgorithmConfig, generation=None, *, import_plugins: bool = True) -> list[tuple[str, str]]:
+    """All problems with `cfg`; `generation` (a GenerationConfig) enables the length checks.
+
+    The advantage, policy loss, aggregation and KL estimator accept a registered name or a
+    `module:function` import path; import paths are imported and their signature checked here,
+    unless import_plugins=False (a login node rendering a job for another machine)."""
     from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS
     from nemo_igrpo.algorithms.kl import KL_ESTIMATORS
     from nemo_igrpo.algorithms.losses import LOSS_AGGREGATIONS, POLICY_LOSSES
@@ -51,10 +55,11 @@ def algorithm_config_problems(cfg: AlgorithmConfig, generation=None) -> list[tup
         bad("refinement_rounds", "extra refinement rounds refine a draft: they need algorithm.num_drafts > 0")
     choice("tie_break", cfg.tie_break, TIE_BREAK_RULES)
     choice("all_zero_drafts", cfg.all_zero_drafts, ALL_ZERO_POLICIES)
-    choice("advantage", cfg.advantage, ADVANTAGE_ESTIMATORS)
-    choice("policy_loss", cfg.policy_loss, POLICY_LOSSES)
-    choice("loss_aggregation", cfg.loss_aggregation, LOSS_AGGREGATIONS)
-    choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
+    for key, registry in (("advantage", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
+                          ("loss_aggregation", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
+        problem = registry.problem(getattr(cfg, key), import_paths=import_plugins)
+        if problem is not None:
+            bad(key, problem)
     if not cfg.advantage_eps >= 0:
         bad("advantage_eps", "must be >= 0")
     if cfg.kl_beta < 0:

@@ -74,13 +74,14 @@ def _check_tensor_parallel(source: str, key: str, tp: int, heads: tuple[int, int
 def validate_config(cfg: IGRPOConfig, source: str = "config", import_reward_terms: bool = True) -> None:
     """Raise ConfigError naming the file and key of the first setting that cannot work.
 
-    import_reward_terms=False skips importing `module:function` reward terms (a login node that
-    renders a Slurm job may not have the user's package; the job itself checks them at start)."""
+    import_reward_terms=False skips importing `module:function` reward terms and algorithm
+    plug-ins (algorithm.policy_loss=my_pkg.losses:my_loss, ...): a login node that renders a Slurm
+    job may not have the user's package; the job itself checks them at start."""
     a = cfg.algorithm
     # One source of truth for algorithm.* (library users get the same checks from the rollout).
     from nemo_igrpo.algorithms.validation import algorithm_config_problems
 
-    for key, msg in algorithm_config_problems(a, cfg.generation):
+    for key, msg in algorithm_config_problems(a, cfg.generation, import_plugins=import_reward_terms):
         _fail(source, key, msg)
 
     p = cfg.policy
@@ -110,6 +111,12 @@ def validate_config(cfg: IGRPOConfig, source: str = "config", import_reward_term
         _fail(source, "generation.top_p", "must be in (0, 1]")
     if g.max_new_tokens < 1:
         _fail(source, "generation.max_new_tokens", "must be >= 1")
+    if g.data_parallel and g.backend == "vllm" and g.vllm.tensor_parallel_size != 1:
+        # One engine per GPU under torchrun (generation/data_parallel.py); a single-process run
+        # is unaffected, but the same config must work when launched on a node.
+        _fail(source, "generation.vllm.tensor_parallel_size",
+              f"{g.vllm.tensor_parallel_size} with generation.data_parallel=true: every GPU runs its own vLLM engine "
+              "(tensor parallel size 1); set generation.data_parallel=false for one engine spanning several GPUs")
     # The backends' own checks (sync paths, server limits, vLLM settings), at load time rather
     # than minutes later when the engine starts.
     from nemo_igrpo.generation.common import check_generation_config

@@ -85,14 +85,14 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def _resolve_model_dir(checkpoint: str, cfg) -> tuple[str, Optional[str]]:
-    """Return an HF directory for `checkpoint`: an HF dir as is, a run dir's final export, or a
-    dist-checkpoint exported through the actor (returns the temp dir to clean up)."""
+def _open_model_dir(checkpoint: str, cfg) -> tuple[str, Optional[str], Optional[object]]:
+    """(HF directory, temp dir to clean up or None, the actor if one was built) for `checkpoint`:
+    an HF dir as is, a run dir's final export, or a dist-checkpoint exported through the actor."""
     path = Path(checkpoint)
     if (path / "config.json").exists():
-        return str(path), None
+        return str(path), None, None
     if (path / "hf").is_dir() and (path / "hf" / "config.json").exists():
-        return str(path / "hf"), None
+        return str(path / "hf"), None, None
     ckpt = path
     if (path / "checkpoints").is_dir():
         from nemo_igrpo.algorithms.checkpointing import latest_checkpoint
@@ -110,45 +110,114 @@ def _resolve_model_dir(checkpoint: str, cfg) -> tuple[str, Optional[str]]:
     actor = MegatronActor(cfg.policy, seed=cfg.seed, total_steps=max(1, cfg.trainer.max_steps))
     actor.load_checkpoint(str(ckpt))
     actor.save_hf(out)
-    return out, out
+    return out, out, actor
+
+
+def _resolve_model_dir(checkpoint: str, cfg) -> tuple[str, Optional[str]]:
+    """Return an HF directory for `checkpoint`: an HF dir as is, a run dir's final export, or a
+    dist-checkpoint exported through the actor (returns the temp dir to clean up)."""
+    model_dir, cleanup, _ = _open_model_dir(checkpoint, cfg)
+    return model_dir, cleanup
+
+
+class EvalModel:
+    """One model opened for single-shot evaluation: its HF directory, tokenizer, prompt builder
+    and generation backend (`generation.backend`; `megatron` generates with a MegatronActor
+    built here, or the one that exported a dist-checkpoint). A context manager: leaving it
+    closes the backend and removes a temporary export, so two models can be evaluated one
+    after the other in one process (the suite's side-by-side)."""
+
+    def __init__(self, cfg, source: str):
+        self.cfg = cfg
+        self.source = source
+        self.backend = None
+        self._actor = None
+        self.model_dir, self._cleanup, actor = _open_model_dir(source, cfg)
+        try:
+            from transformers import AutoTokenizer
+
+            from nemo_igrpo.algorithms.templates import PromptBuilder
+            from nemo_igrpo.generation.factory import build_generation_backend
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self.builder = PromptBuilder(self.tokenizer, cfg.algorithm.template,
+                                         max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                                         max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+                                         apply_chat_template=cfg.data.apply_chat_template)
+            if cfg.generation.backend == "megatron":
+                # The in-framework backend generates with the policy itself: the actor that
+                # exported a dist-checkpoint already holds its weights; otherwise load the HF dir.
+                self._actor = actor if actor is not None else self._build_actor()
+            self.backend = build_generation_backend(cfg.generation, self.model_dir, seed=cfg.seed, actor=self._actor)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_actor(self):
+        import copy
+
+        from nemo_igrpo.policy.actor import MegatronActor
+
+        policy = copy.deepcopy(self.cfg.policy)
+        policy.model.hf_path = self.model_dir
+        return MegatronActor(policy, seed=self.cfg.seed, total_steps=max(1, self.cfg.trainer.max_steps))
+
+    def evaluate(self, rewards, problems: Sequence[Problem], eval_cfg: EvalConfig, name: str) -> EvalResult:
+        return evaluate(self.backend, self.builder, rewards, problems, eval_cfg,
+                        max_new_tokens=self.cfg.generation.max_new_tokens,
+                        stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name=name)
+
+    def close(self) -> None:
+        import shutil
+
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        self._actor = None  # the last reference: its memory goes before the next model loads
+        if self._cleanup:
+            shutil.rmtree(self._cleanup, ignore_errors=True)
+            self._cleanup = None
+
+    def __enter__(self) -> "EvalModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _checkpoints(args) -> list[str]:
+    """--checkpoint values as a list (repeatable; a single string from older callers)."""
+    value = getattr(args, "checkpoint", None)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def run_eval_cli(args) -> int:
-    import shutil
-
-    from nemo_igrpo.algorithms.templates import PromptBuilder
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.datasets import load_problems
-    from nemo_igrpo.generation.factory import build_generation_backend
     from nemo_igrpo.rewards.manager import RewardManager
-    from transformers import AutoTokenizer
 
+    if getattr(args, "suite", None):
+        from nemo_igrpo.evaluation.suite import run_suite_cli
+
+        return run_suite_cli(args)
     cfg = load_config(args.config, args.overrides)
+    checkpoints = _checkpoints(args)
+    if len(checkpoints) > 1:
+        raise UserError("several --checkpoint values compare models side by side: that needs --suite (e.g. --suite paper)")
     benchmarks = list(args.benchmark) or ([cfg.data.eval_path] if cfg.data.eval_path else [])
     if not benchmarks:
         raise UserError("no benchmark: pass --benchmark FILE.jsonl or set data.eval_path")
     sets = [(Path(b).stem, load_problems(b, cfg.data.prompt_key, cfg.data.answer_key, split="test",
                                          limit=cfg.data.max_eval_samples)) for b in benchmarks]
-    source = args.checkpoint or cfg.policy.model.hf_path
+    source = checkpoints[0] if checkpoints else cfg.policy.model.hf_path
     if not source:
         raise UserError("no model: pass --checkpoint (HF dir, run dir or checkpoint) or set policy.model.hf_path")
-    model_dir, cleanup = _resolve_model_dir(source, cfg)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        builder = PromptBuilder(tokenizer, cfg.algorithm.template, max_prompt_tokens=cfg.generation.max_prompt_tokens,
-                                max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-                                apply_chat_template=cfg.data.apply_chat_template)
-        backend = build_generation_backend(cfg.generation, model_dir, seed=cfg.seed)
-        results = []
-        with RewardManager(cfg.reward) as rewards:
-            for name, problems in sets:
-                results.append(evaluate(backend, builder, rewards, problems, cfg.eval,
-                                        max_new_tokens=cfg.generation.max_new_tokens,
-                                        stop_token_ids=[tokenizer.eos_token_id], seed=cfg.seed, name=name))
-        backend.close()
-    finally:
-        if cleanup:
-            shutil.rmtree(cleanup, ignore_errors=True)
+    results = []
+    with EvalModel(cfg, source) as model, RewardManager(cfg.reward) as rewards:
+        for name, problems in sets:
+            results.append(model.evaluate(rewards, problems, cfg.eval, name))
     print(format_table(results))
     out = Path(args.output) if args.output else Path(cfg.run.dir) / "eval" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
