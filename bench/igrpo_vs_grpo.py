@@ -13,6 +13,17 @@ Ratios are iGRPO / GRPO.
     python bench/igrpo_vs_grpo.py --pairs 3 --steps 8  # more samples
     python bench/igrpo_vs_grpo.py --set generation.vllm.enable_prefix_caching=false   # an A/B of a knob
 
+Long, variable-length responses (the case where a few long drafts hold the draft/refinement
+barrier): `--max-new-tokens 192 --stop-chars xq` lets the random tiny model stop whenever it
+samples one of those characters (~1/64 per token), so lengths are roughly geometric, capped at
+192. `--rollout-only` then measures generation alone, in one process and one vLLM engine with
+fixed weights: iGRPO with the barrier (algorithm.pipeline_refinements=false), iGRPO pipelined
+(refinements submitted per prompt as its drafts are scored) and GRPO, the three arms rotated
+step by step on the same prompts:
+
+    python bench/igrpo_vs_grpo.py --rollout-only --max-new-tokens 192 --stop-chars xq --steps 8
+    python bench/igrpo_vs_grpo.py --max-new-tokens 192 --stop-chars xq --pairs 2 --steps 6   # step times
+
 On a GPU machine pass --model <HF dir of a >= 0.5B model> and the GPU config overrides
 (e.g. --config conf/base.yaml --set policy.precision=bf16 ...); see bench/RESULTS.md.
 """
@@ -32,20 +43,110 @@ ROLLOUT_PHASES, TRAIN_PHASES, PHASE_LABELS, step_phases = C.ROLLOUT_PHASES, C.TR
 
 def build_arms(args) -> dict[str, list[str]]:
     budget = args.drafts + args.refinements
-    return {
+    arms = {
         "igrpo": [f"algorithm.num_drafts={args.drafts}", f"algorithm.num_refinements={args.refinements}"],
         "grpo": ["algorithm.num_drafts=0", f"algorithm.num_refinements={budget}"],
     }
+    if args.barrier_arm:
+        arms["igrpo_barrier"] = arms["igrpo"] + ["algorithm.pipeline_refinements=false"]
+    return arms
 
 
-def run_once(args, arm: str, arm_overrides: list[str], index: int, model_dir: Path, train_path: Path) -> dict:
+def rollout_only(args, model_dir: Path, train_path: Path) -> dict:
+    """Generation (and rewards) of the three arms in one process on one engine, fixed weights."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from nemo_igrpo.algorithms.rollout import IGRPORollout
+    from nemo_igrpo.config.loader import load_config
+    from nemo_igrpo.data.datasets import load_problems
+    from nemo_igrpo.generation.factory import build_generation_backend
+    from nemo_igrpo.rewards.manager import RewardManager
+
+    cfg = load_config(args.config, common_overrides(args, model_dir, train_path) + ["data.eval_path=null"] + list(args.set))
+    budget = args.drafts + args.refinements
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    problems = load_problems(train_path, cfg.data.prompt_key, cfg.data.answer_key)
+    backend = build_generation_backend(cfg.generation, str(model_dir), seed=cfg.seed)
+    rewards = RewardManager(cfg.reward)
+    igrpo = replace(cfg.algorithm, num_drafts=args.drafts, num_refinements=args.refinements)
+    arms = {  # name -> (algorithm config, pipeline_refinements)
+        "igrpo_barrier": (igrpo, False),
+        "igrpo_pipelined": (igrpo, True),
+        "grpo": (replace(cfg.algorithm, num_drafts=0, num_refinements=budget), None),  # None: the default
+    }
+    rollouts = {name: IGRPORollout(algo, cfg.generation, backend, rewards, tokenizer, cfg.seed,
+                                   apply_chat_template=cfg.data.apply_chat_template, pipeline_refinements=flag)
+                for name, (algo, flag) in arms.items()}
+    per_arm: dict[str, list[dict]] = {name: [] for name in arms}
+    names = list(arms)
+    try:
+        for step in range(args.steps):
+            batch = problems[step * args.prompts: (step + 1) * args.prompts]
+            # Rotate the order every step so no arm always runs first (warm caches, load drifts).
+            for name in names[step % 3:] + names[: step % 3]:
+                started = time.perf_counter()
+                out = rollouts[name].run(batch, step)
+                wall = time.perf_counter() - started
+                m = out.metrics
+                rec = {"step": step, "rollout_s": wall, "generation_s": m["timing/generation_s"],
+                       "draft_generation_s": m["timing/draft_generation_s"],
+                       "refine_generation_s": m["timing/refine_generation_s"],
+                       "draft_length_mean": m.get("response_length/draft_mean", 0.0),
+                       "refine_length_mean": m["response_length/refine_mean"],
+                       "refine_length_max": m["response_length/refine_max"],
+                       "samples": len(out.samples)}
+                if step >= args.warmup_steps:
+                    per_arm[name].append(rec)
+                print(f"  step {step} {name:16s} generation {rec['generation_s']:6.2f} s (drafts {rec['draft_generation_s']:6.2f}, "
+                      f"after {rec['refine_generation_s']:6.2f}), rollout {wall:6.2f} s, mean lengths draft "
+                      f"{rec['draft_length_mean']:.0f} refine {rec['refine_length_mean']:.0f}", flush=True)
+    finally:
+        rewards.close()
+        backend.close()
+    summary = {name: {k: C.median([r[k] for r in recs]) for k in recs[0] if k != "step"} for name, recs in per_arm.items()}
+    # Step-by-step ratios on the same prompts: the spread says how stable the medians are.
+    def per_step(a: str, b: str, key: str = "generation_s") -> list[float]:
+        return [x[key] / y[key] for x, y in zip(per_arm[a], per_arm[b])]
+    ratios = {
+        "pipelined_over_barrier_generation": summary["igrpo_pipelined"]["generation_s"] / summary["igrpo_barrier"]["generation_s"],
+        "igrpo_pipelined_over_grpo_generation": summary["igrpo_pipelined"]["generation_s"] / summary["grpo"]["generation_s"],
+        "igrpo_barrier_over_grpo_generation": summary["igrpo_barrier"]["generation_s"] / summary["grpo"]["generation_s"],
+        "igrpo_pipelined_over_grpo_rollout": summary["igrpo_pipelined"]["rollout_s"] / summary["grpo"]["rollout_s"],
+        "per_step_pipelined_over_barrier": per_step("igrpo_pipelined", "igrpo_barrier"),
+        "per_step_pipelined_over_grpo": per_step("igrpo_pipelined", "grpo"),
+    }
+    print()
+    C.print_table(f"Generation only, {args.prompts} prompts/step, iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget} "
+                  f"(medians over {len(per_arm['grpo'])} steps)",
+                  ["arm", "generation (s)", "drafts part (s)", "after drafts (s)", "rollout (s)", "draft len", "refine len"],
+                  [[name, v["generation_s"], v["draft_generation_s"], v["refine_generation_s"], v["rollout_s"],
+                    v["draft_length_mean"], v["refine_length_mean"]] for name, v in summary.items()])
+    print(f"\npipelined / barrier generation: {ratios['pipelined_over_barrier_generation']:.3f} "
+          f"(per step {', '.join(f'{r:.2f}' for r in ratios['per_step_pipelined_over_barrier'])})")
+    print(f"iGRPO / GRPO generation: pipelined {ratios['igrpo_pipelined_over_grpo_generation']:.3f}, "
+          f"barrier {ratios['igrpo_barrier_over_grpo_generation']:.3f}")
+    return {"summary": summary, "ratios": ratios, "steps": per_arm}
+
+
+def common_overrides(args, model_dir: Path, train_path: Path) -> list[str]:
     overrides = [
         f"seed={args.seed}",
         f"policy.model.hf_path={model_dir}",
         f"data.train_path={train_path}",
         f"data.prompts_per_step={args.prompts}",
         f"generation.max_new_tokens={args.max_new_tokens}",
-    ] + arm_overrides + list(args.set)
+    ]
+    if args.stop_chars:
+        # Each character is one token of the char tokenizer: a response ends when the model
+        # samples any of them, which makes lengths vary the way real reasoning traces do.
+        overrides.append("generation.stop_strings=[" + ",".join(args.stop_chars) + "]")
+    return overrides
+
+
+def run_once(args, arm: str, arm_overrides: list[str], index: int, model_dir: Path, train_path: Path) -> dict:
+    overrides = common_overrides(args, model_dir, train_path) + arm_overrides + list(args.set)
     started = time.strftime("%H:%M:%S")
     run = C.train_run(f"igrpo_vs_grpo/{arm}-{index}", args.config, overrides, steps=args.steps,
                       warmup_steps=args.warmup_steps, timeout=args.timeout)
@@ -92,6 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra override for both arms (repeatable)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", help="JSON path (default bench/results/igrpo_vs_grpo.json)")
+    p.add_argument("--stop-chars", default="", help="characters that end a response (long, variable lengths; see above)")
+    p.add_argument("--rollout-only", action="store_true",
+                   help="generation only, in process: iGRPO with and without the barrier, and GRPO")
+    p.add_argument("--barrier-arm", action="store_true",
+                   help="also train iGRPO with algorithm.pipeline_refinements=false (needs that config key)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
         p.error("--steps must exceed --warmup-steps")
@@ -99,6 +205,18 @@ def main(argv=None) -> int:
     machine = C.machine_info()
     model_dir = Path(args.model) if args.model else C.tiny_model()
     train_path, _ = C.demo_data(args.seed)
+    if args.rollout_only:
+        print(f"generation only: iGRPO {args.drafts}+{args.refinements} (barrier, pipelined) vs GRPO, {args.steps} steps "
+              f"(first {args.warmup_steps} dropped), {args.prompts} prompts/step, model {model_dir}", flush=True)
+        result = rollout_only(args, model_dir, train_path)
+        C.write_json("igrpo_vs_grpo_rollout" if not args.out else "", {
+            "benchmark": "igrpo_vs_grpo --rollout-only",
+            "command": "python bench/igrpo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine, "load_at_end": C.other_load(),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"model": str(model_dir)},
+            **result,
+        }, out=args.out)
+        return 0
     arms = build_arms(args)
     budget = args.drafts + args.refinements
     print(f"iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget}: {args.pairs} pairs x {args.steps} steps "

@@ -96,6 +96,11 @@ class AlgorithmConfig:
     # separate no-grad pass first (always the case when minibatches_per_step > 1, where later
     # mini-batches see updated weights).
     recompute_old_logprobs: bool = False
+    # Submit a prompt's refinements as soon as its drafts are scored, into the running engine,
+    # instead of waiting for every prompt's drafts (the same samples either way: requests carry
+    # their seeds). None: on when the backend can overlap requests (vLLM colocated, the servers);
+    # false: the two-barrier rollout; true on a backend that cannot overlap only warns.
+    pipeline_refinements: Optional[bool] = None
     # Truncated importance sampling against the generator (Yao et al. 2025, "Your efficient RL
     # framework secretly brings you off-policy RL training"): each token's loss is weighted by
     # min(pi_old / pi_gen, tis_cap), detached, which corrects for a generator whose numbers

@@ -20,12 +20,29 @@ Reproducibility: every generate call gets a base seed derived from (run seed, st
 sampling attempt, stage, group size); the tie-break generator of a prompt depends on (run seed,
 step, round, attempt, position in the step). A rerun with the same seed, weights and problems
 draws the same samples on a deterministic backend.
+
+Pipelining (`algorithm.pipeline_refinements`, default on when the backend's `open_stream()`
+overlaps requests): instead of two barriers (all drafts, then all refinements), each prompt
+moves on by itself: its drafts go into the backend's stream, are scored as soon as they are
+back (on the reward manager's thread, while the engine keeps decoding), and its refinement
+request is submitted into the same running engine right away; extra refinement rounds and the
+adaptive budget's remaining drafts chain the same way. A step's generation time then tends to
+max over prompts of (draft + refinement) instead of max(drafts) + max(refinements). Every
+request carries the seed the two-barrier rollout gives it (the seeds never depended on which
+other prompts share a batch), selection generators are per prompt, and advantages are computed
+per round over the same groups in the same order, so on a backend whose per-request samples do
+not depend on batching both modes return identical batches (tests: unit/test_rollout.py and
+e2e/test_pipelined_rollout.py). Dynamic sampling keeps its loop: each extra batch is one
+pipelined rollout.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -132,6 +149,180 @@ class _PromptState:
     active: bool = True  # False once a prompt of a later round did not fit
 
 
+_POLL_S = 0.005  # how long a stream wait may block while finished rewards could be waiting
+
+
+@dataclass
+class _Request:
+    kind: str  # "draft" (all N, or the adaptive probe) | "draft_rest" | "refine"
+    state: _PromptState
+    prompt: list[int]
+    n: int
+    group: Optional[_Group] = None
+
+
+class _Pipeline:
+    """One pipelined rollout of a batch of prompts: a small event loop over the backend's
+    stream (generation results) and the reward manager's futures (scores). Each prompt goes
+    draft -> [rest of the drafts] -> select -> refine -> [next round] on its own, with exactly
+    the seeds, selection generators and prompts of the two-barrier rollout.
+
+    Timings (added to the rollout's): generation is the loop's wall time minus the time it sat
+    blocked on rewards; the part until the last prompt finished its drafts counts as draft
+    generation, the rest as refinement generation; blocked reward waits count as draft /
+    refinement rewards (scoring that overlapped generation costs no wall time and shows only
+    in reward/seconds)."""
+
+    def __init__(self, rollout: "IGRPORollout", step: int, attempt: int):
+        self.rollout = rollout
+        self.cfg = rollout.cfg
+        self.step = step
+        self.attempt = attempt
+        self.requests: dict[int, _Request] = {}
+        self.scoring: deque[tuple[Future, str, list[tuple[_Request, list[GenerationResult]]]]] = deque()
+        self.unscored: dict[str, list[tuple[_Request, list[GenerationResult]]]] = {"draft": [], "refine": []}
+        self.keys = itertools.count()
+        self.drafting = 0  # prompts whose draft phase has not ended
+        self.blocked = {"draft": 0.0, "refine": 0.0}
+        self.blocked_at_drafts_done = 0.0
+
+    # -- the loop --
+
+    def run(self, states: list[_PromptState]) -> None:
+        t0 = time.perf_counter()
+        self.t_drafts_done = t0
+        self.stream = self.rollout.backend.open_stream()
+        try:
+            for state in states:
+                if self.cfg.num_drafts > 0:
+                    self.drafting += 1
+                    first = probe_drafts(self.cfg) if self.cfg.adaptive_draft_budget else self.cfg.num_drafts
+                    self._submit("draft", state, state.plain_ids, first, _STAGE_DRAFT)
+                else:
+                    self._start_round(state, 0)
+            overlaps = self.stream.overlaps
+            while self.requests or self.scoring:
+                if self.scoring and (not self.requests or not overlaps):
+                    # Nothing else can move (or a barrier stream must see every request that
+                    # the pending scores will release before it generates): wait for rewards.
+                    self._collect_rewards(block="all" if not overlaps else "first")
+                    continue
+                self._collect_rewards(block="none")
+                if self.requests:
+                    self._on_generated(self.stream.wait(timeout=_POLL_S if self.scoring else None))
+        finally:
+            self.stream.close()
+        t_end = time.perf_counter()
+        timing = self.rollout._timing
+        timing["draft_generation"] += max(self.t_drafts_done - t0 - self.blocked_at_drafts_done, 0.0)
+        timing["refine_generation"] += max(
+            t_end - self.t_drafts_done - (sum(self.blocked.values()) - self.blocked_at_drafts_done), 0.0)
+        timing["draft_reward"] += self.blocked["draft"]
+        timing["refine_reward"] += self.blocked["refine"]
+
+    def _submit(self, kind: str, state: _PromptState, prompt: list[int], n: int, stage: int,
+                group: Optional[_Group] = None) -> None:
+        # The seed of the barrier rollout's call for this stage and group size: it never depended
+        # on which prompts shared the call, so each prompt's request gets the same one here.
+        params = self.rollout._sampling(n, request_seed(self.rollout.seed, self.step, self.attempt, stage, n))
+        key = next(self.keys)
+        self.stream.submit(key, prompt, params)
+        self.requests[key] = _Request(kind, state, prompt, n, group)
+
+    def _on_generated(self, finished: list) -> None:
+        by_stage: dict[str, list[tuple[_Request, list[GenerationResult]]]] = {"draft": [], "refine": []}
+        for key, results in finished:
+            request = self.requests.pop(key)
+            what = "refinement" if request.kind == "refine" else "draft"
+            self.rollout._check_results(request.prompt, results, request.n, what, request.state.problem.index)
+            by_stage["refine" if request.kind == "refine" else "draft"].append((request, list(results)))
+        for stage, entries in by_stage.items():
+            self.unscored[stage].extend(entries)
+        self._flush_scoring()
+
+    def _flush_scoring(self) -> None:
+        """Send everything that finished generating since the last reward call, one call per
+        stage, but only while no call is running: an overlapping engine returns a prompt or two
+        per iteration, and a reward call per iteration would pay the manager's per-call cost
+        (worker IPC, judge round trips) dozens of times a step. Batching what piles up during
+        the previous call adapts the call size to the reward latency."""
+        if self.scoring:
+            return
+        for stage in ("draft", "refine"):
+            entries, self.unscored[stage] = self.unscored[stage], []
+            if not entries:
+                continue
+            items = []
+            for request, results in entries:
+                meta = {"stage": "draft"} if stage == "draft" else {"stage": "refinement", "round": request.group.round_index}
+                items.extend((request.state.problem, r, meta) for r in results)
+            self.scoring.append((self.rollout._score_async(items), stage, entries))
+
+    def _collect_rewards(self, block: str) -> None:
+        """Apply finished scores in submission order. block: "none" (only those done),
+        "first" (wait for the oldest), "all" (wait for every pending one)."""
+        while self.scoring:
+            future, stage, entries = self.scoring[0]
+            if not future.done():
+                if block == "none":
+                    return
+                started = time.perf_counter()
+                future.result()  # waits; errors are raised below, from the same call
+                self.blocked[stage] += time.perf_counter() - started
+                if block == "first":
+                    block = "none"
+            self.scoring.popleft()
+            out = self.rollout._account_rewards(future.result(), sum(len(r) for _, r in entries), stage)
+            scores, correct = out.scores.tolist(), out.correct.tolist()
+            offset = 0
+            for request, results in entries:
+                size = len(results)
+                self._on_scored(request, results, scores[offset: offset + size], correct[offset: offset + size])
+                offset += size
+            self._flush_scoring()
+
+    # -- one prompt's progress --
+
+    def _on_scored(self, request: _Request, results: list[GenerationResult], scores: list[float], correct: list[bool]) -> None:
+        state = request.state
+        if request.kind == "refine":
+            group = request.group
+            group.results = results
+            self.rollout._finish_group(group, scores, correct)
+            state.groups.append(group)
+            if group.round_index + 1 < self.cfg.refinement_rounds:
+                self._start_round(state, group.round_index + 1)
+            return
+        for r, reward, ok in zip(results, scores, correct):
+            state.drafts.append(r)
+            state.draft_rewards.append(float(reward))
+            state.draft_correct.append(bool(ok))
+        cfg = self.cfg
+        if request.kind == "draft" and cfg.adaptive_draft_budget:
+            if len(set(state.draft_rewards)) <= 1:
+                # Unanimous probe: the remaining draft budget moves to this prompt's refinements.
+                state.unanimous_probe = True
+                state.num_refinements = cfg.num_refinements + cfg.num_drafts - len(state.draft_rewards)
+            else:
+                self._submit("draft_rest", state, state.plain_ids, cfg.num_drafts - len(state.draft_rewards),
+                             _STAGE_DRAFT_REST)
+                return
+        rng = selection_rng(self.rollout.seed, self.step, 0, state.position, self.attempt)
+        state.selection = select_best_draft(state.draft_rewards, cfg.tie_break, cfg.all_zero_drafts, rng)
+        self.drafting -= 1
+        if self.drafting == 0:
+            self.t_drafts_done = time.perf_counter()
+            self.blocked_at_drafts_done = sum(self.blocked.values())
+        self._start_round(state, 0)
+
+    def _start_round(self, state: _PromptState, round_index: int) -> None:
+        group = self.rollout._build_group(state, round_index, self.step)
+        if group is None:
+            state.active = False  # its prompt no longer fits: no further rounds, as in the barrier rollout
+            return
+        self._submit("refine", state, group.prompt_ids, state.num_refinements, _STAGE_REFINE + round_index, group)
+
+
 class IGRPORollout:
     """Runs the two-stage rollout for one step's problems (see module doc).
 
@@ -140,6 +331,8 @@ class IGRPORollout:
     max_context_tokens: the model's context length (prompt + response). None: take
         generation.vllm.max_model_len when set, else the tokenizer's model_max_length when it is
         a real limit (HF uses ~1e30 for "unknown"), else enforce only the token budgets.
+    pipeline_refinements: overrides `algorithm.pipeline_refinements` (True / False; None: the
+        config's value, whose None means "when the backend's stream overlaps requests").
     """
 
     def __init__(
@@ -155,6 +348,7 @@ class IGRPORollout:
         apply_chat_template: bool = True,
         max_context_tokens: Optional[int] = None,
         num_records: int = 2,
+        pipeline_refinements: Optional[bool] = None,
     ):
         check_algorithm_config(algo_cfg, gen_cfg)
         get_advantage_estimator(algo_cfg.advantage)
@@ -179,6 +373,24 @@ class IGRPORollout:
         # Problems left out because their prompt cannot fit (the same every time they are drawn):
         # each is logged once, with its file and line, and counted for the whole run.
         self._unfit_problems: set[str] = set()
+        self.pipelined = self._resolve_pipelining(pipeline_refinements)
+
+    def _resolve_pipelining(self, override: Optional[bool]) -> bool:
+        # getattr: the key is optional in AlgorithmConfig objects built by older code and tests.
+        value = override if override is not None else getattr(self.cfg, "pipeline_refinements", None)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"algorithm.pipeline_refinements: must be true, false or null (= true when the "
+                             f"generation backend can overlap requests), got {value!r}")
+        overlaps = bool(getattr(self.backend, "supports_streaming", False))
+        if value is None:
+            return overlaps
+        if value and not overlaps:
+            # Still correct (the default stream is generate() with barriers), just not faster.
+            logger.warning(
+                "algorithm.pipeline_refinements=true: the %s generation backend cannot overlap requests, so "
+                "refinements still wait for every draft (same samples, no speed-up)", type(self.backend).__name__,
+            )
+        return value
 
     # --- public -----------------------------------------------------------------------------
 
@@ -199,7 +411,8 @@ class IGRPORollout:
         consumed = 0  # problems fed so far this step: positions for the tie-break generators
         batch = list(problems)
         while True:
-            new_states = self._rollout_prompts(batch, step, attempt, position_offset=consumed)
+            rollout_prompts = self._rollout_prompts_pipelined if self.pipelined else self._rollout_prompts
+            new_states = rollout_prompts(batch, step, attempt, position_offset=consumed)
             consumed += len(batch)
             states.extend(new_states)
             for state in new_states:
@@ -237,8 +450,7 @@ class IGRPORollout:
 
     # --- stages -------------------------------------------------------------------------------
 
-    def _rollout_prompts(self, problems: list[Problem], step: int, attempt: int, position_offset: int) -> list[_PromptState]:
-        cfg = self.cfg
+    def _plain_states(self, problems: list[Problem], attempt: int, position_offset: int) -> list[_PromptState]:
         states: list[_PromptState] = []
         for i, problem in enumerate(problems):
             try:
@@ -246,7 +458,13 @@ class IGRPORollout:
             except PromptDoesNotFit as e:
                 self._report_unfit(e)
                 continue
-            states.append(_PromptState(problem, position_offset + i, attempt, ids, cfg.num_refinements))
+            states.append(_PromptState(problem, position_offset + i, attempt, ids, self.cfg.num_refinements))
+        return states
+
+    def _rollout_prompts(self, problems: list[Problem], step: int, attempt: int, position_offset: int) -> list[_PromptState]:
+        """The two-barrier rollout: all drafts, then all refinements of each round."""
+        cfg = self.cfg
+        states = self._plain_states(problems, attempt, position_offset)
         if not states:
             return states
 
@@ -266,6 +484,36 @@ class IGRPORollout:
             for state, group in groups:
                 state.groups.append(group)
         return states
+
+    def _rollout_prompts_pipelined(self, problems: list[Problem], step: int, attempt: int,
+                                   position_offset: int) -> list[_PromptState]:
+        """The same rollout with no barrier between prompts (module doc, "Pipelining")."""
+        states = self._plain_states(problems, attempt, position_offset)
+        if not states:
+            return states
+        _Pipeline(self, step, attempt).run(states)
+        # Advantages per round over that round's groups in prompt order: the very tensors the
+        # barrier rollout's per-round call builds, so the numbers are identical to the bit.
+        for round_index in range(self.cfg.refinement_rounds):
+            groups = [s.groups[round_index] for s in states if len(s.groups) > round_index]
+            if groups:
+                advantages = compute_group_advantages(self.cfg.advantage, [g.shaped for g in groups], self.cfg.advantage_eps)
+                for group, adv in zip(groups, advantages):
+                    group.advantages = adv
+        return states
+
+    def _finish_group(self, group: _Group, scores: list[float], correct: list[bool]) -> None:
+        """Task rewards and (shaped) advantage inputs of one refinement group."""
+        shaping = self.cfg.overlong_shaping
+        for result, reward, ok in zip(group.results, scores, correct):
+            group.rewards.append(float(reward))
+            group.correct.append(bool(ok))
+            shaped = float(reward)
+            if shaping.enabled:
+                shaped += overlong_penalty(
+                    len(result.token_ids), self.gen_cfg.max_new_tokens, shaping.buffer_tokens, shaping.penalty
+                )
+            group.shaped.append(shaped)
 
     def _draft_stage(self, states: list[_PromptState], step: int, attempt: int) -> None:
         cfg = self.cfg
@@ -347,16 +595,12 @@ class IGRPORollout:
         scored = self._score([(s.problem, r, {"stage": "refinement", "round": round_index}) for s, _, r in flat], "refine")
         self._timing["refine_generation"] += t1 - t0
         self._timing["refine_reward"] += time.perf_counter() - t1
-        shaping = self.cfg.overlong_shaping
-        for (_, group, result), reward, correct in zip(flat, scored.scores.tolist(), scored.correct.tolist()):
-            group.rewards.append(float(reward))
-            group.correct.append(bool(correct))
-            shaped = float(reward)
-            if shaping.enabled:
-                shaped += overlong_penalty(
-                    len(result.token_ids), self.gen_cfg.max_new_tokens, shaping.buffer_tokens, shaping.penalty
-                )
-            group.shaped.append(shaped)
+        scores, correct = scored.scores.tolist(), scored.correct.tolist()
+        offset = 0
+        for _, group in groups:
+            size = len(group.results)
+            self._finish_group(group, scores[offset: offset + size], correct[offset: offset + size])
+            offset += size
         advantages = compute_group_advantages(self.cfg.advantage, [g.shaped for _, g in groups], self.cfg.advantage_eps)
         for (_, group), adv in zip(groups, advantages):
             group.advantages = adv
@@ -381,23 +625,48 @@ class IGRPORollout:
         if len(outputs) != len(prompts):
             raise RuntimeError(f"{what} generation returned {len(outputs)} result lists for {len(prompts)} prompts")
         for i, (prompt, results) in enumerate(zip(prompts, outputs)):
-            if len(results) != params.n:
-                raise RuntimeError(f"{what} generation: prompt {i} got {len(results)} samples, asked for {params.n}")
-            for r in results:
-                # The training sample is built from our ids; a backend that changed them (e.g. by
-                # re-tokenising text) would make old log-probs refer to another sequence.
-                if list(r.prompt_token_ids) != prompt:
-                    raise RuntimeError(f"{what} generation: the backend reports different prompt token ids for prompt {i}")
+            self._check_results(prompt, results, params.n, what, i)
         return outputs
 
-    def _score(self, items: list[tuple[Problem, GenerationResult, dict]], stage: str) -> RewardOutput:
-        samples = [
+    @staticmethod
+    def _check_results(prompt: list[int], results: list[GenerationResult], n: int, what: str, i) -> None:
+        if len(results) != n:
+            raise RuntimeError(f"{what} generation: prompt {i} got {len(results)} samples, asked for {n}")
+        for r in results:
+            # The training sample is built from our ids; a backend that changed them (e.g. by
+            # re-tokenising text) would make old log-probs refer to another sequence.
+            if list(r.prompt_token_ids) != prompt:
+                raise RuntimeError(f"{what} generation: the backend reports different prompt token ids for prompt {i}")
+
+    @staticmethod
+    def _reward_samples(items: list[tuple[Problem, GenerationResult, dict]]) -> list[RewardSample]:
+        return [
             RewardSample(prompt=p.prompt, response=r.text, reference=p.answer, metadata={"problem_index": p.index, **meta})
             for p, r, meta in items
         ]
-        out = self.reward_manager.score(samples)
-        if len(out.scores) != len(samples) or len(out.correct) != len(samples):
-            raise RuntimeError(f"reward manager returned {len(out.scores)} scores for {len(samples)} samples")
+
+    def _score(self, items: list[tuple[Problem, GenerationResult, dict]], stage: str) -> RewardOutput:
+        samples = self._reward_samples(items)
+        return self._account_rewards(self.reward_manager.score(samples), len(samples), stage)
+
+    def _score_async(self, items: list[tuple[Problem, GenerationResult, dict]]) -> "Future[RewardOutput]":
+        """Scoring on the reward manager's own thread (its calls run one after another, in
+        order), so the caller keeps driving generation; a manager without score_async (test
+        fakes) scores here and returns a finished Future."""
+        samples = self._reward_samples(items)
+        score_async = getattr(self.reward_manager, "score_async", None)
+        if score_async is not None:
+            return score_async(samples)
+        future: Future = Future()
+        try:
+            future.set_result(self.reward_manager.score(samples))
+        except Exception as err:  # re-raised by future.result(), where the caller handles it
+            future.set_exception(err)
+        return future
+
+    def _account_rewards(self, out: RewardOutput, num_samples: int, stage: str) -> RewardOutput:
+        if len(out.scores) != num_samples or len(out.correct) != num_samples:
+            raise RuntimeError(f"reward manager returned {len(out.scores)} scores for {num_samples} samples")
         for key, value in out.metrics.items():
             # Counters (errors, timeouts, seconds) add up over the step's reward calls; running
             # totals keep their latest value. Per-call means are recomputed per stage below.
@@ -506,6 +775,10 @@ class IGRPORollout:
             m["advantage/abs_mean"] = float(np.mean(np.abs(kept_adv)))
         for key, seconds in self._timing.items():
             m[f"timing/{key}_s"] = seconds
+        # Wall time the rollout spent generating (both stages, reward waits excluded): the figure
+        # that pipelining shortens; comparable between the two modes.
+        m["timing/generation_s"] = self._timing["draft_generation"] + self._timing["refine_generation"]
+        m["rollout/pipelined"] = float(self.pipelined)
         m.update(self._reward_metrics)
         for (stage, term), (total, count) in self._term_sums.items():
             if count:

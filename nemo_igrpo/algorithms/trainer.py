@@ -9,9 +9,12 @@ Data flows one way and each module owns one step of it:
     evaluation.evaluate           single-shot held-out accuracy, as deployed
 
 Distributed layout: every rank runs the actor (TP/PP/DP come from the config and torchrun).
-Generation, rewards and logging run on global rank 0 only; the rollout's samples are broadcast
-to the other ranks, which is cheap next to generation and keeps one engine per job (a
-separate generation server, `generation.backend=vllm_server`, scales generation out instead).
+The rollout's logic, rewards and logging run on global rank 0; its samples are broadcast to the
+other ranks. Generation runs on every rank with `generation.data_parallel` (each rank's vLLM
+engine, or each Megatron replica, generates its share of every call: generation/data_parallel.py)
+or on rank 0 alone; a separate server (`generation.backend=vllm_server`) scales out instead.
+Rewards stay on rank 0: they are CPU work in worker processes (well under a percent of a step
+here), and one RewardManager keeps one place for timeouts, failure counts and the stop rule.
 """
 from __future__ import annotations
 
@@ -171,14 +174,31 @@ class Trainer:
         self.backend = None
         self.rewards = None
         self.rollout = None
+        from nemo_igrpo.generation.data_parallel import (
+            DataParallelGenerator,
+            generation_group_size,
+            uses_data_parallel_generation,
+        )
+        from nemo_igrpo.generation.factory import build_generation_backend
+
+        # Generation on every rank (generation/data_parallel.py) or on rank 0 only.
+        self.generator: Optional[DataParallelGenerator] = None
+        if uses_data_parallel_generation(cfg.generation.backend, cfg.generation.data_parallel, collectives.world_size()):
+            group = generation_group_size(cfg.generation.backend, cfg.policy.tensor_parallel_size,
+                                          cfg.policy.pipeline_parallel_size, cfg.generation.vllm.tensor_parallel_size)
+            # Each engine its own seed: requests carry seeds, but unseeded ones must not repeat
+            # the same samples on every engine.
+            local = build_generation_backend(cfg.generation, self.actor.hf_path, seed=cfg.seed + _rank() // group,
+                                             actor=self.actor, per_rank_engine=True)
+            self.generator = DataParallelGenerator(local, group_size=group)
         if self.is_main:
             from nemo_igrpo.algorithms.rollout import IGRPORollout
             from nemo_igrpo.algorithms.templates import PromptBuilder
-            from nemo_igrpo.generation.factory import build_generation_backend
             from nemo_igrpo.rewards.manager import RewardManager
 
             self.rewards = RewardManager(cfg.reward)
-            self.backend = build_generation_backend(cfg.generation, self.actor.hf_path, seed=cfg.seed, actor=self.actor)
+            self.backend = self.generator or build_generation_backend(cfg.generation, self.actor.hf_path,
+                                                                      seed=cfg.seed, actor=self.actor)
             self.rollout = IGRPORollout(cfg.algorithm, cfg.generation, self.backend, self.rewards, self.tokenizer, cfg.seed,
                                         problem_source=lambda k: self.sampler.next_batch(k),
                                         apply_chat_template=cfg.data.apply_chat_template)
@@ -228,7 +248,9 @@ class Trainer:
         """Stream the actor's weights into the generator (collective over the actor's ranks)."""
         start = time.perf_counter()
         named = self.actor.export_hf_weights()
-        if self.is_main:
+        if self.generator is not None:
+            self.generator.update_weights(named)  # every rank's own engine, from its own export
+        elif self.is_main:
             self.backend.update_weights(named)
         else:
             for _ in named:  # the export is collective: every rank walks it
@@ -242,12 +264,25 @@ class Trainer:
         if self.is_main:
             from nemo_igrpo.evaluation.evaluate import evaluate
 
-            res = evaluate(self.backend, self.eval_prompts, self.rewards, self.eval_problems, self.cfg.eval,
-                           max_new_tokens=self.cfg.generation.max_new_tokens,
-                           stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name="held-out")
+            with self._generation_session():
+                res = evaluate(self.backend, self.eval_prompts, self.rewards, self.eval_problems, self.cfg.eval,
+                               max_new_tokens=self.cfg.generation.max_new_tokens,
+                               stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name="held-out")
             metrics = res.as_metrics("eval")
             metrics["timing/eval_s"] = res.seconds
+        elif self.generator is not None:
+            self.generator.serve()
         return _broadcast(metrics)
+
+    @contextmanager
+    def _generation_session(self):
+        """Rank 0's side of data-parallel generation: the other ranks serve generate() calls
+        until this block ends (on success or error)."""
+        try:
+            yield
+        finally:
+            if self.generator is not None and self.is_main:
+                self.generator.end_session()
 
     def _train_on(self, samples: list, timer: _Timer) -> dict:
         """Old log-probs from the trainer (the ratio's denominator), the train/inference
@@ -374,7 +409,7 @@ class Trainer:
         if self.is_main:
             before = self.sampler.state_dict()
             try:
-                with timer.phase("rollout"):
+                with timer.phase("rollout"), self._generation_session():
                     problems = self.sampler.next_batch()
                     batch = self.rollout.run(problems, step)
             except (GenerationServerError, RewardTermFailing) as e:
@@ -382,6 +417,9 @@ class Trainer:
                 # checkpoint of the previous step resumes exactly here once the cause is fixed.
                 self.sampler.load_state_dict(before)
                 failure = (type(e).__name__, str(e))
+        elif self.generator is not None:
+            with timer.phase("rollout"):
+                self.generator.serve()  # this rank's engine generates its share of the rollout
         # Every rank learns of rank 0's failure (they wait here), saves and stops the same way.
         failure = _broadcast(failure)
         if failure is not None:
@@ -400,12 +438,13 @@ class Trainer:
         rec: dict[str, Any] = {"step": step}
         rec.update(batch.metrics)
         weights_dropped = False
+        engine = self._engine_here()
         if batch.samples:
-            if self.is_main:
+            if engine is not None:
                 # A colocated engine hands its GPU memory to the update (sleep mode); see
                 # GenerationBackend.sleep for the order of calls.
                 with timer.phase("generator_sleep"):
-                    weights_dropped = bool(self.backend.sleep())
+                    weights_dropped = bool(engine.sleep())
             rec.update(self._train_on(batch.samples, timer))
         else:
             rec["update/empty_batch"] = 1.0  # e.g. every group dropped by dynamic sampling
@@ -420,7 +459,7 @@ class Trainer:
         rec["nonfinite/total"] = float(self.total_nonfinite)
         # The export is collective: every rank must agree whether it runs. A sleeping engine that
         # dropped its weights needs them back even when this step's update was skipped.
-        weights_dropped = _broadcast(weights_dropped)
+        weights_dropped = _all_ranks_agree(weights_dropped)
         if torch.cuda.is_available():
             # Hand the update's cached activation blocks back to the driver before the engine
             # wakes into the same GPU (the launcher's memory check counts on it).
@@ -428,15 +467,20 @@ class Trainer:
         if batch.samples and (not skipped or weights_dropped):
             with timer.phase("weight_sync"):
                 self._sync_weights()
-        if self.is_main:
+        if engine is not None:
             with timer.phase("generator_wake"):
-                self.backend.wake_up()
+                engine.wake_up()
         for name, secs in timer.times.items():
             rec[f"timing/{name}_s"] = secs
         rec["timing/step_s"] = time.perf_counter() - t0
         n_tokens = sum(s.response_length for s in batch.samples)
         rec["throughput/trained_tokens_per_s"] = n_tokens / max(rec["timing/step_s"], 1e-9)
         return rec
+
+    def _engine_here(self):
+        """This rank's generation engine, if it has one (rank 0 always; every rank with
+        data-parallel generation)."""
+        return self.generator if self.generator is not None else (self.backend if self.is_main else None)
 
     def _open_progress_bar(self, start_step: int) -> None:
         """One bar for the run (steps done, current phase: rollout = drafts + refinements,
@@ -454,7 +498,9 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
-        for closer in (getattr(self, "backend", None), getattr(self, "rewards", None), getattr(self, "log", None)):
+        closers = [getattr(self, "generator", None) or getattr(self, "backend", None), getattr(self, "rewards", None),
+                   getattr(self, "log", None)]
+        for closer in closers:
             if closer is not None:
                 try:
                     closer.close()

@@ -77,6 +77,10 @@ class ServerConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "vllm"  # vllm | vllm_server | megatron | trtllm_server
+    # Colocated backends (vllm, megatron) under torchrun: every generation group (a rank with its
+    # own vLLM engine; a model-parallel replica for megatron) generates its share of every call,
+    # so all GPUs generate. false: global rank 0 generates everything while the others wait.
+    data_parallel: bool = True
     temperature: float = 0.7  # paper's training temperature
     top_p: float = 1.0
     max_new_tokens: int = 256

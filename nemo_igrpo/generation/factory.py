@@ -13,18 +13,20 @@ BACKENDS = ("vllm", "vllm_server", "megatron", "trtllm_server")
 
 
 def build_generation_backend(
-    cfg: GenerationConfig, hf_path: str, *, seed: int, actor: Optional[object] = None
+    cfg: GenerationConfig, hf_path: str, *, seed: int, actor: Optional[object] = None, per_rank_engine: bool = False
 ) -> GenerationBackend:
     """`hf_path`: the policy's HF checkpoint dir (initial weights of the colocated engine, and
     the tokenizer the server clients fall back on). `actor`: the MegatronActor, needed by the
-    in-framework backend only. Imports are lazy so a run that does not use vLLM never imports it."""
+    in-framework backend only. `per_rank_engine`: this rank's engine of a data-parallel
+    generation job (generation/data_parallel.py). Imports are lazy so a run that does not use
+    vLLM never imports it."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"generation.backend: {cfg.backend!r} is not one of {list(BACKENDS)}")
     check_generation_config(cfg)
     if cfg.backend == "vllm":
         from nemo_igrpo.generation.vllm_colocated import VLLMColocatedBackend
 
-        return VLLMColocatedBackend(hf_path, cfg, seed=seed)
+        return VLLMColocatedBackend(hf_path, cfg, seed=seed, external_launcher=per_rank_engine)
     if cfg.backend == "vllm_server":
         from nemo_igrpo.generation.openai_server import OpenAIServerBackend
 

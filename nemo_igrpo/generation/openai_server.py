@@ -5,7 +5,9 @@ The server runs on its own host (or venv/container); the trainer sends token-id 
 
 Requests: one POST per prompt (`n` samples each, so vLLM's parallel sampling shares the prompt's
 prefill), at most `generation.server.max_concurrent_requests` in flight, results returned in
-prompt order. Token ids come back in `choices[i].token_ids` (vLLM: `return_token_ids`); a
+prompt order. `open_stream()` posts prompts one at a time as a caller submits them (same pool,
+same bound) and hands each answer back when it arrives: the rollout uses it to post a prompt's
+refinements while other prompts' drafts are still decoding. Token ids come back in `choices[i].token_ids` (vLLM: `return_token_ids`); a
 server without that field is handled by reading the ids from the log-prob entries
 (`return_tokens_as_token_ids` gives "token_id:N") or, last, by mapping token strings through
 the tokenizer. Each sampled token's log-prob comes from `logprobs.token_logprobs`.
@@ -58,7 +60,7 @@ from nemo_igrpo.generation.common import (
     normalise_finish_reason,
 )
 from nemo_igrpo.generation.config import GenerationConfig
-from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
+from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, GenerationStream, SamplingParams
 from nemo_igrpo.utils.errors import GenerationServerError
 
 logger = logging.getLogger(__name__)
@@ -306,6 +308,16 @@ class OpenAIServerBackend(GenerationBackend):
         check_request(prompts, params)
         futures = [self._pool.submit(self._complete_one, i, list(p), params) for i, p in enumerate(prompts)]
         return [f.result() for f in futures]
+
+    def open_stream(self) -> GenerationStream:
+        """Each submitted prompt is posted at once as its own /v1/completions request on the
+        same pool as generate() (so at most `server.max_concurrent_requests` are in flight) and
+        comes back as soon as its answer does; the server batches whatever is in flight, so a
+        refinement posted while other prompts' drafts decode joins their batch. Same body,
+        seeds and parsing as generate()."""
+        from nemo_igrpo.generation.streaming import FutureStream
+
+        return FutureStream(lambda index, prompt, params: self._pool.submit(self._complete_one, index, prompt, params))
 
     # -- weights ---------------------------------------------------------------------------
 

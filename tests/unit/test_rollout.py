@@ -3,7 +3,8 @@ DAPO dynamic sampling and overlong shaping, extra refinement rounds, the adaptiv
 metrics, and that drafts receive no gradient.
 
 Generation backends here are written in this file ONLY to test the rollout's scheduling and
-selection logic: `ScriptedBackend` returns scripted texts (so rewards are known by hand) and
+selection logic (and `OverlappingBackend`, a stream that releases requests out of order, to
+check that the pipelined rollout gives exactly the barrier rollout's batches): `ScriptedBackend` returns scripted texts (so rewards are known by hand) and
 `TinyModelBackend` samples from the tiny char-tokenizer model with plain torch (so log-probs are
 real). The real engines (vLLM, servers, Megatron) are covered by the generation and e2e tests.
 Rewards come from the real `RewardManager` with the paper's terms (math_accuracy + format), run
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
+from concurrent.futures import Future
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +33,7 @@ from nemo_igrpo.algorithms.templates import PromptBuilder
 from nemo_igrpo.data.datasets import Problem
 from nemo_igrpo.generation.common import check_request
 from nemo_igrpo.generation.config import GenerationConfig
-from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
+from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, GenerationStream, SamplingParams
 from nemo_igrpo.rewards.config import RewardConfig
 from nemo_igrpo.rewards.manager import RewardManager
 from nemo_igrpo.utils.tiny_model import make_char_tokenizer
@@ -535,3 +539,250 @@ def test_algorithm_config_problems_lists_every_problem():
     assert keys == ["algorithm.num_refinements", "algorithm.tie_break", "algorithm.advantage",
                     "algorithm.dual_clip_c", "algorithm.template.draft_wrapper"]
     assert algorithm_config_problems(AlgorithmConfig(), gen_cfg()) == []
+
+
+# --- pipelined refinements (no barrier between drafts and refinements) ------------------------------
+
+
+class OverlappingBackend(GenerationBackend):
+    """Wraps a backend whose per-prompt results do not depend on batching (each request is
+    answered by `inner.generate([prompt], params)` when it is submitted) and releases finished
+    requests one or two at a time in a seeded random order, like an engine whose prompts finish
+    at different times. It records how many requests were in flight and whether a refinement
+    was submitted while another prompt's drafts were still out (the overlap pipelining is for)."""
+
+    def __init__(self, inner, order_seed: int = 0):
+        self.inner = inner
+        self.rng = random.Random(order_seed)
+        self.max_in_flight = 0
+        self.overlapped = False  # a conditioned prompt submitted while a plain one was in flight
+        self.streams_opened = 0
+
+    def generate(self, prompts, params):
+        raise AssertionError("a pipelined rollout must use the stream")
+
+    def update_weights(self, named_tensors):
+        raise NotImplementedError
+
+    def open_stream(self):
+        backend = self
+        backend.streams_opened += 1
+
+        class Stream(GenerationStream):
+            def __init__(self):
+                self.pending = {}
+
+            def submit(self, key, prompt, params):
+                check_request([prompt], params)
+                conditioned = "<draft>" in backend.inner.tok.decode(prompt)
+                if conditioned and any(not c for c, _ in self.pending.values()):
+                    backend.overlapped = True
+                self.pending[key] = (conditioned, backend.inner.generate([prompt], params)[0])
+                backend.max_in_flight = max(backend.max_in_flight, len(self.pending))
+
+            def wait(self, timeout=None):
+                if not self.pending:
+                    return []
+                keys = backend.rng.sample(sorted(self.pending), k=min(len(self.pending), backend.rng.choice([1, 1, 2])))
+                return [(k, self.pending.pop(k)[1]) for k in keys]
+
+            @property
+            def num_pending(self):
+                return len(self.pending)
+
+        return Stream()
+
+
+def random_script(problems, seed: int, length: int = 40) -> dict:
+    """Answers drawn from correct / wrong / unformatted, so rewards (2 / 1 / 0) vary: ties,
+    unanimous probes, zero-variance groups and all-zero drafts all occur."""
+    rng = random.Random(seed)
+    script = {}
+    for p in problems:
+        for kind in ("plain", "conditioned"):
+            script[(p.prompt, kind)] = [rng.choice([p.answer, p.answer, "0", "RAW:" + p.answer]) for _ in range(length)]
+    return script
+
+
+def comparable(batch):
+    """Everything a batch holds except wall times and the mode flag."""
+    metrics = {k: v for k, v in batch.metrics.items()
+               if not k.startswith("timing/") and k not in ("reward/seconds", "rollout/pipelined")}
+    samples = [(s.token_ids, s.response_start, s.advantage, s.generation_logprobs.tolist()) for s in batch.samples]
+    return samples, batch.group_sizes, metrics, batch.records
+
+
+def run_both_modes(tok, rewards, make_backend, cfg, problems, gen=None, steps=(0, 1), source=None, max_context_tokens=None):
+    """The same steps through the two-barrier rollout and the pipelined one (fresh backends)."""
+    batches = {}
+    for pipelined in (False, True):
+        backend = make_backend(pipelined)
+        rollout = IGRPORollout(cfg, gen or gen_cfg(), backend, rewards, tok, seed=11, max_context_tokens=max_context_tokens,
+                               problem_source=source() if source else None)
+        assert rollout.pipelined is pipelined  # auto: on exactly when the backend's stream overlaps
+        batches[pipelined] = [rollout.run(problems, step=s) for s in steps]
+        if pipelined:
+            assert backend.streams_opened >= len(steps)
+    for barrier, pipelined in zip(batches[False], batches[True]):
+        assert comparable(pipelined) == comparable(barrier)
+        assert pipelined.metrics["rollout/pipelined"] == 1.0 and barrier.metrics["rollout/pipelined"] == 0.0
+    return batches
+
+
+SIX = [problem(i) for i in range(1, 7)]
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("igrpo", algo()),
+    ("random_ties", algo(tie_break="random")),
+    ("skip_all_zero", algo(all_zero_drafts="skip")),
+    ("grpo", algo(num_drafts=0, num_refinements=4)),
+    ("adaptive", algo(num_drafts=4, num_refinements=3, adaptive_draft_budget=True)),
+    ("rounds", algo(num_drafts=2, num_refinements=3, refinement_rounds=3)),
+    ("overlong", algo(overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=1.0))),
+    ("dynamic_sampling", algo(num_drafts=3, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True))),
+    ("everything", algo(num_drafts=4, num_refinements=2, adaptive_draft_budget=True, refinement_rounds=2, tie_break="random",
+                        dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2),
+                        overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=0.5))),
+])
+@pytest.mark.parametrize("order_seed", [0, 1])
+def test_pipelined_rollout_gives_the_barrier_batches(tok, rewards, name, cfg, order_seed):
+    refill = [problem(i) for i in range(7, 25)]
+    script = random_script(SIX + refill, seed=order_seed + 100)
+
+    def source():
+        it = iter([refill[i: i + 6] for i in range(0, 18, 6)] * 4)
+        return lambda k: next(it)[:k]
+
+    backends = []
+
+    def make(pipelined):
+        inner = ScriptedBackend(tok, {k: list(v) for k, v in script.items()})
+        backends.append(OverlappingBackend(inner, order_seed) if pipelined else inner)
+        return backends[-1]
+
+    # Scores inline (no score_async): which requests are in flight at a submit is then fixed by
+    # the release order alone, so the overlap check below is deterministic. The real manager's
+    # background scoring is exercised by the tiny-model test.
+    inline = SimpleNamespace(score=rewards.score, end_step=rewards.end_step)
+    batches = run_both_modes(tok, inline, make, cfg, SIX, gen=gen_cfg(max_new_tokens=40), source=source)
+    pipelined_backend = backends[1]
+    assert pipelined_backend.max_in_flight >= 2
+    if cfg.num_drafts > 0:
+        # Some prompt's refinement went in while another prompt's drafts were still generating.
+        assert pipelined_backend.overlapped
+    assert sum(len(b.samples) for b in batches[True]) > 0
+    metrics = [b.metrics for b in batches[True]]
+    # The scripts really exercise what the configuration turns on.
+    if cfg.dynamic_sampling.enabled:
+        assert max(m["groups/generation_batches"] for m in metrics) > 1
+    if cfg.adaptive_draft_budget:
+        assert 0 < sum(m["draft/unanimous_frac"] for m in metrics) < len(metrics)
+    if cfg.refinement_rounds > 1:
+        assert all(f"reward/refine_round{cfg.refinement_rounds}_mean" in m for m in metrics)
+
+
+def test_pipelined_rollout_with_a_real_model_matches(tiny_llama_dir, rewards):
+    """Real sampling (seeded torch generators per sample) and log-probs: identical samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+
+    def make(pipelined):
+        inner = TinyModelBackend(model, tok)
+        inner.tok = tok
+        return OverlappingBackend(inner, 3) if pipelined else inner
+
+    cfg = algo(num_drafts=2, num_refinements=2, refinement_rounds=2, tie_break="random")
+    run_both_modes(tok, rewards, make, cfg, [P1, P2, problem(4)], gen=gen_cfg(max_new_tokens=5, temperature=1.0), steps=(0,))
+
+
+def test_pipelining_on_a_backend_without_streams_keeps_the_barrier_calls(tok, rewards, caplog):
+    with caplog.at_level(logging.WARNING, logger="nemo_igrpo.algorithms.rollout"):
+        rollout, backend = make_rollout(tok, rewards, BASE_SCRIPT, pipeline_refinements=True)
+    assert rollout.pipelined and "cannot overlap requests" in caplog.text and "algorithm.pipeline_refinements" in caplog.text
+    batch = rollout.run([P1, P2], step=3)
+    # The default stream (BarrierStream) sends the same two generate() calls, with the same seeds.
+    assert [(len(p), params.n, params.seed) for p, params in backend.calls] == [
+        (2, 4, request_seed(11, 3, 0, 1, 4)), (2, 4, request_seed(11, 3, 0, 100, 4))]
+    reference, _ = make_rollout(tok, rewards, BASE_SCRIPT, pipeline_refinements=False)
+    assert comparable(batch) == comparable(reference.run([P1, P2], step=3))
+
+
+def test_pipeline_setting_is_checked(tok, rewards):
+    with pytest.raises(ValueError, match="algorithm.pipeline_refinements"):
+        make_rollout(tok, rewards, {}, pipeline_refinements="yes")
+    rollout, _ = make_rollout(tok, rewards, {}, cfg=SimpleNamespaceConfig(pipeline_refinements=False))
+    assert rollout.pipelined is False
+
+
+class SimpleNamespaceConfig:
+    """An AlgorithmConfig carrying the setting (the key is read with getattr)."""
+
+    def __new__(cls, **extra):
+        cfg = algo()
+        for k, v in extra.items():
+            object.__setattr__(cfg, k, v)
+        return cfg
+
+
+def test_pipelined_rollout_closes_its_stream_on_a_reward_error(tok):
+    class Failing:
+        def score_async(self, samples):
+            raise_in = Future()
+            raise_in.set_exception(RuntimeError("judge is down"))
+            return raise_in
+
+    closed = []
+
+    class Backend(OverlappingBackend):
+        def open_stream(self):
+            stream = super().open_stream()
+            stream.close = lambda: closed.append(True)
+            return stream
+
+    backend = Backend(ScriptedBackend(tok, BASE_SCRIPT))
+    rollout = IGRPORollout(algo(), gen_cfg(), backend, Failing(), tok, seed=0)
+    with pytest.raises(RuntimeError, match="judge is down"):
+        rollout.run([P1, P2], step=0)
+    assert closed == [True]
+
+
+def test_server_stream_posts_prompts_concurrently_and_returns_them_as_they_finish():
+    """The HTTP backends' stream (no server needed: the per-prompt request is replaced)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nemo_igrpo.generation.openai_server import OpenAIServerBackend
+
+    backend = object.__new__(OpenAIServerBackend)  # skips the /v1/models check of __init__
+    backend._pool = ThreadPoolExecutor(max_workers=4)
+    released = {k: threading.Event() for k in (7, 8, 9)}
+    posted = []
+
+    def complete_one(index, prompt, params):
+        posted.append(prompt[0])
+        assert released[prompt[0]].wait(10)
+        return [GenerationResult(list(prompt), [1, 2], "ab", [-0.5, -0.25], "stop") for _ in range(params.n)]
+
+    backend._complete_one = complete_one
+    assert backend.supports_streaming
+    params = SamplingParams(n=2, seed=1)
+    with backend.open_stream() as stream:
+        for k in (7, 8, 9):
+            stream.submit(f"p{k}", [k, 3], params)
+        with pytest.raises(ValueError, match="empty token-id list"):
+            stream.submit("bad", [], params)  # validated where it is submitted
+        assert stream.wait(timeout=0.05) == []  # nothing answered yet
+        released[8].set()
+        (key, results), = stream.wait()
+        assert key == "p8" and len(results) == 2 and results[0].prompt_token_ids == [8, 3]
+        assert sorted(posted) == [7, 8, 9]  # all three were in flight at once
+        released[7].set()
+        released[9].set()
+        rest = {}
+        while stream.num_pending:
+            rest.update(stream.wait())
+        assert sorted(rest) == ["p7", "p9"]
+    backend._pool.shutdown()
