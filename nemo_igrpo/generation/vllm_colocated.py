@@ -20,12 +20,14 @@ this backend at import time must guard its entry point with `if __name__ == "__m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
@@ -73,6 +75,26 @@ def vllm_sampling_params(params: SamplingParams, stop_strings: list[str]):
     )
 
 
+# vLLM's default per-step token budget (SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS in 0.32).
+_DEFAULT_STEP_TOKENS = 4096
+
+
+def cpu_scheduler_kwargs(model_dir: str, max_model_len: Optional[int]) -> dict:
+    """Whole-prompt prefills on the CPU build. With chunked prefill, a prompt cut at the step's
+    token budget has its sampled token discarded and vLLM rewinds the request's seeded generator
+    (`Generator.set_offset`, gpu_model_runner.py), which CPU generators do not support: the
+    engine dies with "CPU Generator does not use offset" once enough seeded prompts arrive
+    together. The budget must then hold the longest prompt (vLLM's own rule)."""
+    longest = max_model_len
+    if longest is None:
+        try:
+            data = json.loads((Path(model_dir) / "config.json").read_text())
+            longest = int(data.get("max_position_embeddings") or 0) or None
+        except (OSError, ValueError, TypeError):
+            longest = None
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(longest or 0, _DEFAULT_STEP_TOKENS)}
+
+
 def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool,
                        external_launcher: bool = False) -> dict:
     """The `vllm.LLM(...)` arguments for the colocated engine, from the generation config.
@@ -103,6 +125,8 @@ def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_c
     )
     if external_launcher:
         kwargs["distributed_executor_backend"] = "external_launcher"
+    if on_cpu:
+        kwargs.update(cpu_scheduler_kwargs(model_dir, cfg.vllm.max_model_len))
     if cfg.vllm.max_model_len is not None:
         kwargs["max_model_len"] = cfg.vllm.max_model_len
     if cfg.vllm.max_num_seqs is not None:

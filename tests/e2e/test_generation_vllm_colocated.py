@@ -116,3 +116,12 @@ def test_weight_update_gives_updated_policy_greedy_output(engine, tiny_qwen2_dir
     finally:
         engine._transport = "shm"
     assert [r[0].token_ids for r in engine.generate(PROMPTS, greedy)] == before
+
+
+def test_many_long_seeded_prompts_in_one_call(engine):
+    # More prompt tokens than one engine step takes (vLLM's 4,096): with chunked prefill the
+    # prompt cut at the budget made vLLM rewind its seeded CPU generator and the engine died
+    # ("CPU Generator does not use offset"). Whole-prompt prefills on CPU (cpu_scheduler_kwargs).
+    prompts = [[2] + [40 + (i + j) % 60 for j in range(200)] for i in range(30)]
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4, n=2, seed=3))
+    assert len(out) == 30 and all(len(samples) == 2 for samples in out)
