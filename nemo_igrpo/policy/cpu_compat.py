@@ -251,6 +251,111 @@ def cuda_to_cpu() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# megatron-core's static inference engine (generation.backend "megatron"). Added for it, and
+# switched on only by enable_inference_engine(), which the Megatron generation backend calls:
+# training never sees these. Same rule as enable(): only calls that *fail* on a machine
+# without CUDA are redirected, and disable() restores them too (they go through _replace).
+# ---------------------------------------------------------------------------------------------
+
+from time import perf_counter as _perf_counter  # noqa: E402  (kept inside this block)
+
+
+class _TimedCpuEvent(_CpuEvent):
+    """The event stand-in plus timing. TextGenerationController's static-batch loop records a
+    `torch.cuda.Event(enable_timing=True)` per step and afterwards asks consecutive events for
+    `elapsed_time()` (milliseconds) to fill each request's per-token latency (`request.tpot`).
+    CPU ops are synchronous, so the host clock at record() is the event's time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self._time_s: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._time_s = _perf_counter()
+
+    def elapsed_time(self, end_event: "_TimedCpuEvent") -> float:
+        if self._time_s is None or end_event._time_s is None:
+            raise RuntimeError("elapsed_time: both events must have been recorded")  # as CUDA says
+        return (end_event._time_s - self._time_s) * 1e3
+
+
+def _assert_cpu_tensor(tensor: Any) -> None:
+    assert tensor is not None  # the rest of what megatron's _is_cuda checks
+    assert tensor.device.type == "cpu"
+
+
+def enable_inference_engine() -> bool:
+    """Redirections megatron-core's static inference engine needs on a CPU-only machine, on top
+    of enable(). Idempotent; a no-op (returns False) unless enable() is on.
+
+    - torch.cuda.Event -> _TimedCpuEvent (record() / elapsed_time(), see the class).
+    - megatron.core.inference.communication_utils._is_cuda: broadcast_from_last_pipeline_stage
+      (the pipeline-parallel path, which sends the last stage's logits to every stage) asserts
+      `tensor.is_cuda` on the sending side; on the CPU the tensor is a CPU tensor, which is
+      the same statement for this machine.
+    """
+    if not _enabled:
+        return False
+    import megatron.core.inference.communication_utils as comm
+
+    if torch.cuda.Event is not _TimedCpuEvent:
+        _replace(torch.cuda, "Event", _TimedCpuEvent)
+    if comm._is_cuda is not _assert_cpu_tensor:
+        _replace(comm, "_is_cuda", _assert_cpu_tensor)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba-2 kernels for hybrid models (Nemotron-H). Added for policy/hybrid.py, which calls
+# install_mamba_reference_kernels() before it builds a hybrid model; GPT models never see it.
+# megatron.core.ssm.mamba_mixer binds mamba-ssm / causal-conv1d functions at import time (None or
+# a MagicMock without them) and runs only on CUDA/Triton. On a machine without CUDA the torch
+# references in policy/mamba_reference.py take their place *in that module only*: nothing is put
+# in sys.modules, so transformers' Nemotron-H keeps its own pure-torch path (the tests compare the
+# two). disable() restores the originals (they go through _replace).
+# ---------------------------------------------------------------------------------------------
+
+
+def install_mamba_reference_kernels() -> bool:
+    """Point megatron's MambaMixer at the torch reference kernels when CUDA is absent.
+    Idempotent; returns whether the references are in place (False on a GPU machine)."""
+    if not is_needed():
+        return False
+    import megatron.core.ssm.mamba_mixer as mixer
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    from nemo_igrpo.policy import mamba_reference as ref
+
+    if mixer.mamba_split_conv1d_scan_combined is ref.mamba_split_conv1d_scan_combined:
+        return True
+
+    class _ReferenceExtendedRMSNorm(ref.RMSNormGated):
+        """megatron's ExtendedRMSNorm (gated RMSNorm + a TP-sharded checkpoint entry) on the torch
+        norm: its base class is mamba-ssm's Triton norm, a MagicMock when mamba-ssm is missing."""
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            return make_sharded_tensors_for_checkpoint(
+                self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+            )
+
+    # MambaMixer.__init__ raises ImportError unless HAVE_MAMBA_SSM.
+    _replace(mixer, "HAVE_MAMBA_SSM", True)
+    # _ssm_training (training and log-probs, use_mamba_mem_eff_path): conv + scan + gate, with
+    # seq_idx from PackedSeqParams for packed micro-batches.
+    _replace(mixer, "mamba_split_conv1d_scan_combined", ref.mamba_split_conv1d_scan_combined)
+    # _ssm_prefill (use_mamba_mem_eff_path=False): the unfused conv and scan.
+    _replace(mixer, "mamba_chunk_scan_combined", ref.mamba_chunk_scan_combined)
+    _replace(mixer, "causal_conv1d_fn", ref.causal_conv1d_fn)
+    # The mixer's `norm` (gated RMSNorm applied after the scan).
+    _replace(mixer, "ExtendedRMSNorm", _ReferenceExtendedRMSNorm)
+    # _ssm_training asks this for packed sequences; it reads mamba_ssm.__version__ and
+    # causal_conv1d.__version__, which do not exist here. The references support packing (seq_idx).
+    _replace(mixer, "_check_mamba_sequence_packing_support", lambda for_inference_not_training=True: (True, None))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # megatron-bridge's import of TransformerEngine.
 # ---------------------------------------------------------------------------------------------
 

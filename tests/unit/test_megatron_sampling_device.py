@@ -15,6 +15,7 @@ def _backend_on(device: torch.device) -> MegatronGenerationBackend:
     backend = MegatronGenerationBackend.__new__(MegatronGenerationBackend)  # the sampling state only
     backend.device = device
     backend._rng = torch.Generator().manual_seed(0)
+    backend._mp_group = None  # a single process: no model-parallel group to agree with
     return backend
 
 
