@@ -85,7 +85,8 @@ def test_missing_required_value(conf_dir):
 def test_bad_interpolation(conf_dir):
     with pytest.raises(ConfigError) as e:
         load_config(conf_dir / "run.yaml", ["run.dir=${run.nope}"])
-    assert "run.dir" in str(e.value) or "run.nope" in str(e.value)
+    # Both: the key being set and the reference that does not exist (and the file).
+    assert "'run.dir'" in str(e.value) and "'run.nope'" in str(e.value) and "run.yaml" in str(e.value), e.value
 
 
 def test_missing_fragment_lists_choices(conf_dir):

@@ -64,12 +64,30 @@ def test_disabled_layer_leaves_cuda_calls_failing(layer_off):
 def test_streams_events_synchronize_are_accepted(compat):
     stream = torch.cuda.Stream(device=torch.cuda.current_device())
     event = torch.cuda.Event()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.current_stream().wait_event(event)
-    event.record()
-    torch.cuda.synchronize()
+    # What megatron's DDP and schedules do with them; each would raise without the layer
+    # (torch.cuda.Stream() initialises CUDA).
+    assert torch.cuda.current_stream().wait_stream(stream) is None
+    assert torch.cuda.current_stream().wait_event(event) is None
+    assert event.record() is None and event.query() is True and stream.query() is True
+    assert torch.cuda.synchronize() is None
     with torch.cuda.stream(stream):
-        pass
+        t = torch.ones(2) * 3  # work inside the stream context runs, on the CPU
+    assert t.device.type == "cpu" and t.tolist() == [3.0, 3.0]
+
+
+def test_streams_events_raise_without_the_layer():
+    # The counterpart: on this CUDA-less machine the same calls fail when the layer is off, so
+    # the test above checks the layer, not torch.
+    was_enabled = cpu_compat.is_enabled()
+    cpu_compat.disable()
+    try:
+        with pytest.raises(Exception):
+            torch.cuda.Stream(device=0)
+        with pytest.raises(Exception):
+            torch.cuda.current_stream()
+    finally:
+        if was_enabled:
+            cpu_compat.enable()
 
 
 def test_cuda_device_requests_land_on_cpu_only_inside_the_scope(compat):

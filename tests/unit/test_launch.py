@@ -120,8 +120,14 @@ def test_sbatch_single_allocation_and_no_requeue(site_file):
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-def test_node_entry_parses():
-    subprocess.run(["bash", "-n", str(REPO / "launch" / "node_entry.sh")], check=True)
+def test_node_entry_parses_and_refuses_an_unknown_role(tmp_path):
+    script = REPO / "launch" / "node_entry.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    # It runs, and an unknown role is an error that names it (not a silent success).
+    proc = subprocess.run(["bash", str(script), "nonsense-role"], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "nonsense-role" in (proc.stdout + proc.stderr), (proc.returncode, proc.stderr)
 
 
 def test_render_sbatch_cli_refuses_a_bad_layout(site_file, capsys, tmp_path):
