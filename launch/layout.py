@@ -115,11 +115,21 @@ def train_memory_terms(shape: ModelShape, tp: int, pp: int, dp: int, tokens_per_
     s, h, f = tokens_per_microbatch, shape.hidden_size, shape.ffn_hidden_size
     layers = shape.num_layers / pp
     seq_split = tp if sequence_parallel else 1
-    layer_working_set = s * (10 * h / seq_split + (24 * h + 12 * f) / tp)
-    if recompute == "full":
-        layer_inputs, working = layers * 2 * s * h / seq_split, layer_working_set
-    else:  # selective (attention recomputed) or none: every layer's working set is kept
-        layer_inputs, working = layers * layer_working_set, 0.0
+    if shape.hybrid_pattern:
+        # A hybrid model's layers differ a lot (a Mamba-2 layer keeps ~2x a dense MLP's bytes):
+        # each kind has its own working set (hybrid_layer_working_sets), layers spread evenly over PP.
+        sets = hybrid_layer_working_sets(shape, s, tp, seq_split)
+        counts = shape.layer_counts()
+        if recompute == "full":  # the largest layer is the one being recomputed at the peak
+            layer_inputs, working = layers * 2 * s * h / seq_split, max(sets[k] for k in counts)
+        else:
+            layer_inputs, working = sum(n * sets[k] for k, n in counts.items()) / pp, 0.0
+    else:
+        layer_working_set = s * (10 * h / seq_split + (24 * h + 12 * f) / tp)
+        if recompute == "full":
+            layer_inputs, working = layers * 2 * s * h / seq_split, layer_working_set
+        else:  # selective (attention recomputed) or none: every layer's working set is kept
+            layer_inputs, working = layers * layer_working_set, 0.0
     vocab_shard = padded_vocab_size(shape.vocab_size, tp) / tp
     # The output layer's [s, V/TP] bf16 logits and, in backward, their bf16 gradient (index_select
     # scatters the scored rows' gradient into a whole-micro-batch zero tensor).
@@ -138,6 +148,34 @@ def train_memory_terms(shape: ModelShape, tp: int, pp: int, dp: int, tokens_per_
         logprob_temporaries=temporaries / GIB,
         runtime=RUNTIME_OVERHEAD_GIB,
     )
+
+
+def hybrid_layer_working_sets(shape: ModelShape, s: int, tp: int, seq_split: int) -> dict[str, float]:
+    """Activation bytes one layer of each kind keeps for its backward pass, at s tokens (bf16
+    activations, fp32 where the Mamba kernels keep fp32; docs/cluster.md, hybrid models).
+
+    Every layer is one sub-layer (norm + mixer + residual): its norm input, norm output and the
+    residual bookkeeping, 5 s h, split over TP only with sequence parallelism. The rest is split
+    over TP (heads, groups, FFN columns):
+    - attention: Q, K, V (q + 2 kv channels) and the attention output, 2 bytes each; flash
+      attention keeps no s x s scores.
+    - MLP (squared ReLU, not gated): FC1 output, its ReLU and square, 3 x 2 s f.
+    - Mamba-2 (mamba-ssm's fused training kernel): the in_proj output z|x|B|C|dt (2 s P,
+      P = 2 d + 2 G N + H), the conv output x|B|C (2 s (d + 2 G N)), the scan output, its gated form
+      and the norm output (3 x 2 s d); fp32 dt and its cumulative sum (8 s H), the chunk states
+      (4 s H p N / chunk) and the per-chunk C.B^T scores (4 s G chunk).
+    """
+    h = shape.hidden_size
+    q = shape.num_attention_heads * shape.head_dim
+    kv = shape.num_query_groups * shape.head_dim
+    H, p, G, N = shape.mamba_num_heads or 0, shape.mamba_head_dim, shape.mamba_num_groups or 0, shape.mamba_state_dim
+    d, chunk = H * p, shape.mamba_chunk_size
+    per_token = {
+        "*": 2 * (2 * q + 2 * kv),
+        "-": 3 * 2 * shape.ffn_hidden_size,
+        "M": 2 * (2 * d + 2 * G * N + H) + 2 * (d + 2 * G * N) + 3 * 2 * d + 8 * H + 4 * H * p * N / chunk + 4 * G * chunk,
+    }
+    return {k: s * (5 * h / seq_split + v / tp) for k, v in per_token.items()}
 
 
 def estimate_train_memory_gib(shape: ModelShape, tp: int, pp: int, dp: int, tokens_per_microbatch: int,
@@ -167,7 +205,7 @@ def kv_cache_tokens(shape: ModelShape, vllm_tp: int, gpu_memory_gib: float, util
     weights_per_gpu = shape.params_b * 1e9 * 2 / vllm_tp
     # 2 GiB per GPU for activations and CUDA graphs.
     budget = vllm_tp * (gpu_memory_gib * GIB * utilization - weights_per_gpu - 2 * GIB)
-    attention_layers = 4 if shape.mamba_num_heads else shape.num_layers  # Nemotron-H-8B: 4 of 52
+    attention_layers = shape.layer_counts().get("*", 0) if shape.hybrid_pattern else shape.num_layers
     bytes_per_token = 2 * attention_layers * shape.num_query_groups * shape.head_dim * 2  # K and V, bf16
     return max(0, int(budget // bytes_per_token))
 

@@ -30,10 +30,23 @@ class ModelShape:
     mamba_num_heads: Optional[int] = None
     mamba_num_groups: Optional[int] = None
     tie_word_embeddings: bool = False
+    # Hybrid models: one symbol per layer (M Mamba-2, * attention, - MLP), as in the checkpoint's
+    # hybrid_override_pattern, and the Mamba-2 sizes the activation memory depends on.
+    hybrid_pattern: Optional[str] = None
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_chunk_size: int = 128
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def layer_counts(self) -> dict[str, int]:
+        """Layers per kind: {"M": Mamba, "*": attention, "-": MLP}; a dense model is all "T"
+        (a transformer layer: attention + MLP)."""
+        if not self.hybrid_pattern:
+            return {"T": self.num_layers}
+        return {sym: self.hybrid_pattern.count(sym) for sym in sorted(set(self.hybrid_pattern))}
 
 
 # Qwen2.5-7B family (Qwen2.5-Math-7B / Qwen2.5-7B-Instruct are the bases of the 7B models below).
@@ -49,9 +62,12 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "OpenMath-Nemotron-7B": replace(_QWEN25_7B, max_position_embeddings=32768),
     "OpenMath-Nemotron-14B": replace(_QWEN25_14B, max_position_embeddings=32768),
     "OpenReasoning-Nemotron-7B": _QWEN25_7B,
-    # 52 layers (24 Mamba-2, 4 attention, 24 MLP), 8K context.
+    # 52 layers (24 Mamba-2, 4 attention, 24 MLP), 8K context; pattern and Mamba sizes as in
+    # megatron-bridge's NemotronH 8B recipe (recipes/nemotronh/h100/nemotronh.py).
     "Nemotron-H-8B-Base-8K": ModelShape(
         8.10, 52, 4096, 21504, 32, 8, 131072, 8192, mamba_num_heads=128, mamba_num_groups=8,
+        hybrid_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+        mamba_head_dim=64, mamba_state_dim=128, mamba_chunk_size=128,
         architecture="NemotronHForCausalLM",
     ),
 }

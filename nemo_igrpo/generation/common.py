@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -50,6 +51,38 @@ def apply_vllm_cpu_environment(cfg: VLLMConfig) -> None:
             os.environ[key] = value
         elif current != value:
             logger.info("%s=%s from the environment overrides the config value %s", key, current, value)
+
+
+
+# Architectures whose layers carry a recurrent (Mamba-2) state: vLLM keeps that state in a
+# separate cache with its own settings.
+VLLM_HYBRID_ARCHITECTURES = ("NemotronHForCausalLM",)
+
+
+def vllm_hybrid_engine_kwargs(model_dir: str, *, on_cpu: bool) -> dict:
+    """`vllm.LLM(...)` keyword overrides for a hybrid Mamba checkpoint ({} for any other model);
+    the colocated backend applies them on top of vllm_engine_kwargs.
+
+    - mamba_ssm_cache_dtype: passed through from the checkpoint's config.json (transformers'
+      NemotronHConfig default "float32"; what vLLM would pick itself, made explicit so it is
+      visible in the engine arguments). The decode state then accumulates in float32, as the
+      trainer's scan does, which keeps the train/inference log-prob gap at its bf16 floor.
+    - enable_prefix_caching=False on CPU: with prefix caching vLLM 0.32 switches hybrid models to
+      mamba_cache_mode='align', whose CPU scan ignores return_intermediate_states, and prompts
+      longer than a cache block crash in mamba_mixer2 (IndexError). On GPUs the setting stays.
+    """
+    import json
+
+    try:
+        data = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if (data.get("architectures") or [None])[0] not in VLLM_HYBRID_ARCHITECTURES:
+        return {}
+    kwargs: dict = {"mamba_ssm_cache_dtype": data.get("mamba_ssm_cache_dtype") or "float32"}
+    if on_cpu:
+        kwargs["enable_prefix_caching"] = False
+    return kwargs
 
 
 # vLLM's online quantization schemes (bf16 weights in, quantized in the engine on every load):

@@ -40,6 +40,7 @@ from nemo_igrpo.generation.common import (
     host_bucket,
     iter_weight_buckets,
     normalise_finish_reason,
+    vllm_hybrid_engine_kwargs,
 )
 from nemo_igrpo.generation.config import GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
@@ -131,6 +132,8 @@ def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_c
         kwargs["max_model_len"] = cfg.vllm.max_model_len
     if cfg.vllm.max_num_seqs is not None:
         kwargs["max_num_seqs"] = cfg.vllm.max_num_seqs
+    # Hybrid (Mamba) checkpoints: the SSM state cache dtype, and on CPU no prefix caching.
+    kwargs.update(vllm_hybrid_engine_kwargs(model_dir, on_cpu=on_cpu))
     if cfg.vllm.quantization is not None:
         # Online quantization: vLLM quantizes each layer as its bf16 weights arrive, at start-up
         # and inside every weight sync's layerwise reload, so the trainer's stream is unchanged.

@@ -239,8 +239,11 @@ class MegatronActor:
             dev = self._device
             cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
             max_len = max(cu[i + 1] - cu[i] for i in range(len(cu) - 1))
+            # total_tokens makes megatron derive seq_idx (each token's segment, the padding segment
+            # included) from cu_seqlens: Mamba layers restart their state and convolution there.
             packed = PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=max_len, max_seqlen_kv=max_len
+                qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=max_len, max_seqlen_kv=max_len,
+                total_tokens=cu[-1],
             )
             packed.host_bounds = list(cu)  # read by SDPACoreAttention (saves a sync per layer)
             mb = _MicroBatch(

@@ -22,7 +22,12 @@ from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
 from nemo_igrpo.utils import collectives
 
 WEIGHTS_FORMAT = "nemo_igrpo.megatron_weights.v1"
-HF_TEMPLATE_FILES = re.compile(r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|.*\.jinja|vocab\..*|merges\.txt)$")
+HF_TEMPLATE_FILES = re.compile(r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|.*\.jinja|vocab\..*|merges\.txt"
+                               r"|configuration_.*\.py|modeling_.*\.py)$")
+# Remote-code files a checkpoint's config.json may name in `auto_map` (Nemotron-H ships
+# configuration_nemotron_h.py / modeling_nemotron_h.py, and megatron-bridge's export writes that
+# auto_map): carried to the exported directory so it loads with trust_remote_code as well.
+REMOTE_CODE_FILES = re.compile(r"(configuration|modeling)_.*\.py$")
 
 
 def _policy_cfg(hf_dir: str, tp: int, pp: int, base: Optional[PolicyConfig] = None) -> PolicyConfig:
@@ -127,6 +132,9 @@ def megatron_to_hf(src: str, dst: str, hf_template: Optional[str] = None, tp: in
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(template).save_pretrained(str(tmp))
+        for f in Path(template).iterdir():
+            if f.is_file() and REMOTE_CODE_FILES.match(f.name) and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
         _replace_dir(tmp, out)
     collectives.barrier()
 

@@ -1,10 +1,11 @@
-"""Build the megatron-core GPTModel of the policy from a Hugging Face checkpoint directory.
+"""Build the megatron-core model of the policy from a Hugging Face checkpoint directory.
 
 Every model goes through the same path, tiny test models included: an HF directory ->
-megatron-bridge's AutoBridge -> a GPTModelProvider that we adjust (layer spec, precision,
-recompute, FP8, RL-specific dropout) -> megatron model chunks (DDP- and Float16Module-wrapped
-for the trained policy). Keeping one path means what CI tests on CPU is what runs on GPUs, and
-vLLM loads exactly the directory the actor started from.
+megatron-bridge's AutoBridge -> a GPTModelProvider (dense decoders) or HybridModelProvider
+(Nemotron-H, see hybrid.py) that we adjust (layer spec, precision, recompute, FP8, RL-specific
+dropout) -> megatron model chunks (DDP- and Float16Module-wrapped for the trained policy).
+Keeping one path means what CI tests on CPU is what runs on GPUs, and vLLM loads exactly the
+directory the actor started from.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def read_architecture(hf_dir: str | Path) -> str:
         raise UnsupportedModelError(f"{config_path}: no 'architectures' entry; cannot tell which model this is")
     arch = archs[0]
     if arch in HYBRID_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{config_path}: {arch} (Nemotron-H, hybrid Mamba/attention) is not supported yet: it needs megatron-core's "
-            f"HybridModel with Mamba kernels, which this actor does not build. Supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        from nemo_igrpo.policy.hybrid import check_hybrid_config
+
+        check_hybrid_config(config_path, json.loads(config_path.read_text()))
+        return arch
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"{config_path}: architecture {arch} is not supported yet. Supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{config_path}: architecture {arch} is not supported yet. "
+            f"Supported: {', '.join(SUPPORTED_ARCHITECTURES + HYBRID_ARCHITECTURES)}"
         )
     return arch
 
@@ -105,7 +107,7 @@ def make_tiny_model_dir(tiny: TinyModelConfig, cache_dir: str | Path, seed: int)
 @dataclass
 class BuiltModel:
     bridge: Any  # megatron.bridge.AutoBridge
-    provider: Any  # the GPTModelProvider (a TransformerConfig)
+    provider: Any  # the GPTModelProvider or HybridModelProvider (a TransformerConfig)
     chunks: list  # megatron model chunks (one per virtual pipeline stage; we use one)
     transformer_impl: str  # "transformer_engine" | "local"
     sequence_parallel: bool = False
@@ -144,8 +146,12 @@ def build_model(
 
     from nemo_igrpo.policy.attention import layer_spec, resolve_transformer_impl
 
-    read_architecture(hf_dir)
+    hybrid = read_architecture(hf_dir) in HYBRID_ARCHITECTURES
     impl = resolve_transformer_impl(cfg.model.transformer_impl)
+    if hybrid:
+        from nemo_igrpo.policy.hybrid import check_hybrid_fp8
+
+        check_hybrid_fp8(cfg.fp8)
     _check_fp8(cfg, impl)
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"policy.precision: {cfg.precision!r} is not one of fp32, bf16")
@@ -164,7 +170,12 @@ def build_model(
     provider = bridge.to_megatron_provider(load_weights=load_weights)
     provider.tensor_model_parallel_size = cfg.tensor_parallel_size
     provider.pipeline_model_parallel_size = cfg.pipeline_parallel_size
-    provider.transformer_layer_spec = lambda config: layer_spec(config, impl)
+    if hybrid:
+        from nemo_igrpo.policy.hybrid import configure_hybrid_provider
+
+        configure_hybrid_provider(provider, cfg, impl)
+    else:
+        provider.transformer_layer_spec = lambda config: layer_spec(config, impl)
     # RL needs the log-probs of the training pass to equal those of the log-prob pass for the
     # same weights (the importance ratio starts at exactly 1): no dropout.
     provider.attention_dropout = 0.0

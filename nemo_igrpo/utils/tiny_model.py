@@ -1,5 +1,5 @@
 """Make small Hugging Face model directories locally (no hub): a character-level tokenizer
-with a ChatML chat template, and a randomly initialised Llama or Qwen2 model.
+with a ChatML chat template, and a randomly initialised Llama, Qwen2 or Nemotron-H model.
 
 Tests, benchmarks and the demo use these, so every component (megatron-bridge import/export,
 vLLM, the chat-template-aware draft template) is exercised on a real checkpoint directory.
@@ -10,6 +10,7 @@ model of a few million parameters.
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
 from typing import Optional
@@ -68,10 +69,12 @@ def make_tiny_hf_model(
     seed: int = 0,
     dtype: str = "float32",
     tokenizer: Optional[str | Path] = None,
+    **hybrid,
 ) -> Path:
     """Write a randomly initialised HF model (safetensors) plus the char tokenizer.
 
     head_dim = hidden_size / num_attention_heads; 64 is what vLLM's CPU attention supports.
+    arch="nemotron_h": a hybrid Mamba-2 model; `hybrid` takes make_nemotron_h_config's keywords.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, Qwen2Config, AutoModelForCausalLM
@@ -104,12 +107,69 @@ def make_tiny_hf_model(
         config = LlamaConfig(**common, attention_bias=False, mlp_bias=False)
     elif arch == "qwen2":
         config = Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "nemotron_h":
+        config = make_nemotron_h_config(common, num_layers, **hybrid)
     else:
-        raise ValueError(f"unknown arch {arch!r}: use 'llama' or 'qwen2'")
+        raise ValueError(f"unknown arch {arch!r}: use 'llama', 'qwen2' or 'nemotron_h'")
+    if hybrid and arch != "nemotron_h":
+        raise TypeError(f"unexpected arguments for arch {arch!r}: {sorted(hybrid)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if arch == "nemotron_h":
+        _randomise_nemotron_h(model, seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "nemo_igrpo_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     return out_dir
+
+
+def make_nemotron_h_config(common: dict, num_layers: int, *, pattern: Optional[str] = None, head_dim: int = 64,
+                           mamba_head_dim: int = 16, mamba_num_heads: Optional[int] = None, n_groups: int = 2,
+                           ssm_state_size: int = 16, chunk_size: int = 16, conv_kernel: int = 4):
+    """A NemotronHConfig from the common keywords. pattern: one symbol per layer (M Mamba-2,
+    * attention, - MLP); default the first `num_layers` symbols of "M*M-" repeated. Attention
+    heads have `head_dim` channels whatever the hidden size (64: vLLM's CPU attention). The small
+    chunk size makes short test sequences span several scan chunks, so the inter-chunk state
+    passing is exercised (Nemotron-H-8B uses 128)."""
+    from transformers import NemotronHConfig
+
+    pattern = pattern or ("M*M-" * num_layers)[:num_layers]
+    hidden = common["hidden_size"]
+    kw = {k: v for k, v in common.items() if k not in ("num_hidden_layers", "rms_norm_eps", "rope_theta")}
+    return NemotronHConfig(
+        **kw,
+        hybrid_override_pattern=pattern,
+        head_dim=head_dim,
+        mamba_head_dim=mamba_head_dim,
+        mamba_num_heads=mamba_num_heads or 2 * hidden // mamba_head_dim,
+        n_groups=n_groups,
+        ssm_state_size=ssm_state_size,
+        chunk_size=chunk_size,
+        conv_kernel=conv_kernel,
+        mlp_hidden_act="relu2",
+        layer_norm_epsilon=1e-5,
+        residual_in_fp32=False,
+        use_bias=False,
+        use_conv_bias=True,
+    )
+
+
+def _randomise_nemotron_h(model, seed: int) -> None:
+    """Make every parameter informative for conversion and parity tests: norms, D and the conv
+    bias start as constants (ones / zeros), which would hide a swapped or dropped mapping. dt_bias
+    is drawn so that softplus(dt_bias) lies in [0.01, 0.1]: random inputs then keep the step size
+    dt well above transformers' clamp at time_step_min (1e-3), which megatron and vLLM do not
+    apply (they clamp at 0), so both paths compute the same function."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith(".D"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("conv1d.bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("dt_bias"):
+                dt = torch.exp(torch.empty(p.shape).uniform_(math.log(0.01), math.log(0.1), generator=g))
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus

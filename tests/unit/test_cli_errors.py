@@ -104,9 +104,9 @@ def test_structured_prompt_names_file_line_and_field(tmp_path):
 def test_unsupported_model_under_train(tmp_path):
     from nemo_igrpo.utils.tiny_model import make_char_tokenizer
 
-    model = tmp_path / "nemotron_h"
+    model = tmp_path / "gpt2"
     make_char_tokenizer(model)
-    (model / "config.json").write_text(json.dumps({"architectures": ["NemotronHForCausalLM"],
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
                                                    "num_attention_heads": 32, "num_key_value_heads": 8}))
     run_dir = tmp_path / "run"
     # A data file with a bad line too: the model is checked first, before data and megatron set-up.
@@ -114,8 +114,8 @@ def test_unsupported_model_under_train(tmp_path):
     data.write_text("not json\n")
     line = only_line(igrpo("train", BASE, f"data.train_path={data}", f"run.dir={run_dir}",
                            f"policy.model.hf_path={model}"))
-    assert line.startswith(f"igrpo train: error: {model / 'config.json'}: NemotronHForCausalLM (Nemotron-H, hybrid "
-                           "Mamba/attention) is not supported yet")
+    assert line.startswith(f"igrpo train: error: {model / 'config.json'}: architecture GPT2LMHeadModel is not "
+                           "supported yet"), line
     assert not run_dir.exists()
 
 

