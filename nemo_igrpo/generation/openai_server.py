@@ -62,20 +62,9 @@ from nemo_igrpo.generation.common import (
 from nemo_igrpo.generation.config import GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, GenerationStream, SamplingParams
 from nemo_igrpo.utils.errors import GenerationServerError
+from nemo_igrpo.utils.http import RetryableStatus, call_with_retries, is_retryable_status
 
 logger = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-MAX_BACKOFF_S = 30.0
-
-
-class _HTTPError(Exception):
-    """A non-retryable HTTP answer (kept apart so the retry loop can tell it from transport errors)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-
 
 def _error_message(response) -> str:
     try:
@@ -148,41 +137,39 @@ class OpenAIServerBackend(GenerationBackend):
         import requests
 
         url = f"{self.base_url}{path}"
-        attempts = 1 + (self.server.max_retries if retry else 0)
+        retries = self.server.max_retries if retry else 0
         timeout = (self.server.connect_timeout_s, timeout_s or self.server.timeout_s)
         headers = dict(self._headers, **(extra_headers or {}))
         data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
-        last_error: Optional[BaseException] = None
-        for attempt in range(attempts):
-            if attempt:
-                delay = min(self.server.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
-                logger.warning("%s %s failed (%s); retry %d/%d in %.1f s", method, url, last_error, attempt, attempts - 1, delay)
-                time.sleep(delay)
-            try:
-                response = self._session().request(method, url, data=data, params=params, headers=headers, timeout=timeout)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                last_error = err
-                continue
-            if response.status_code in RETRYABLE_STATUS:
-                last_error = _HTTPError(response.status_code, _error_message(response))
-                continue
-            if response.status_code >= 400:
-                raise GenerationServerError(
-                    f"{self.server_kind} at {self.base_url}: {method} {path} answered "
-                    f"HTTP {response.status_code}: {_error_message(response)}"
-                )
-            if not response.content:
-                return None
-            try:
-                return response.json()
-            except ValueError as err:
-                raise GenerationServerError(
-                    f"{self.server_kind} at {self.base_url}: {method} {path} returned non-JSON: {response.text[:200]!r}"
-                ) from err
-        raise GenerationServerError(
-            f"{self.server_kind} at {self.base_url} is unreachable or failing: {method} {path} gave up after "
-            f"{attempts} attempt(s): {last_error}"
-        )
+
+        def once():
+            response = self._session().request(method, url, data=data, params=params, headers=headers, timeout=timeout)
+            if is_retryable_status(response.status_code):
+                raise RetryableStatus(response.status_code, f"HTTP {response.status_code}: {_error_message(response)}")
+            return response
+
+        try:
+            response = call_with_retries(once, retries=retries, backoff_s=self.server.backoff_s,
+                                         transient=(requests.ConnectionError, requests.Timeout, RetryableStatus),
+                                         what=f"{method} {url}")
+        except (requests.ConnectionError, requests.Timeout, RetryableStatus) as last_error:
+            raise GenerationServerError(
+                f"{self.server_kind} at {self.base_url} is unreachable or failing: {method} {path} gave up after "
+                f"{retries + 1} attempt(s): {last_error}"
+            ) from last_error
+        if response.status_code >= 400:
+            raise GenerationServerError(
+                f"{self.server_kind} at {self.base_url}: {method} {path} answered "
+                f"HTTP {response.status_code}: {_error_message(response)}"
+            )
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as err:
+            raise GenerationServerError(
+                f"{self.server_kind} at {self.base_url}: {method} {path} returned non-JSON: {response.text[:200]!r}"
+            ) from err
 
     def _check_served_model(self) -> str:
         listing = self._call("GET", "/v1/models")

@@ -35,6 +35,7 @@ import httpx
 
 from nemo_igrpo.rewards.config import JudgeConfig
 from nemo_igrpo.rewards.registry import register_reward
+from nemo_igrpo.utils.http import RetryableStatus, call_with_retries, is_retryable_status
 
 DEFAULT_RUBRIC = """You are grading a solution to a problem.
 
@@ -154,31 +155,28 @@ class JudgeClient:
 
     # --- HTTP with retries ---------------------------------------------------------------
     def _send(self, method: str, url: str, payload: Optional[dict] = None) -> dict:
-        last: Exception = RuntimeError("no attempt made")
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+        def once() -> httpx.Response:
             if url == self._chat_url:
                 with self._lock:
                     self._requests += 1
             try:
                 reply = self._http.request(method, url, json=payload)
             except httpx.TimeoutException as e:
-                last = TimeoutError(f"judge request timed out after {self.cfg.timeout_s}s ({type(e).__name__})")
-                continue
+                raise TimeoutError(f"judge request timed out after {self.cfg.timeout_s}s ({type(e).__name__})") from None
             except httpx.TransportError as e:
-                last = ConnectionError(f"judge server {self.cfg.url} unreachable ({type(e).__name__}: {e})")
-                continue
-            if reply.status_code == 429 or reply.status_code >= 500:
-                last = RuntimeError(f"judge server answered HTTP {reply.status_code}")
-                continue
-            if reply.status_code != 200:
-                raise RuntimeError(f"judge server answered HTTP {reply.status_code}: {self._redact(reply.text)[:200]}")
-            try:
-                return reply.json()
-            except ValueError:
-                raise MalformedJudgeReply(f"judge server sent non-JSON body {self._redact(reply.text)[:120]!r}") from None
-        raise last
+                raise ConnectionError(f"judge server {self.cfg.url} unreachable ({type(e).__name__}: {e})") from None
+            if is_retryable_status(reply.status_code):
+                raise RetryableStatus(reply.status_code, f"judge server answered HTTP {reply.status_code}")
+            return reply
+
+        reply = call_with_retries(once, retries=self.cfg.max_retries, backoff_s=self.cfg.retry_backoff_s,
+                                  transient=(TimeoutError, ConnectionError, RetryableStatus), what=f"judge {method} {url}")
+        if reply.status_code != 200:
+            raise RuntimeError(f"judge server answered HTTP {reply.status_code}: {self._redact(reply.text)[:200]}")
+        try:
+            return reply.json()
+        except ValueError:
+            raise MalformedJudgeReply(f"judge server sent non-JSON body {self._redact(reply.text)[:120]!r}") from None
 
     def model(self) -> str:
         """The configured model, or the first one the server lists (asked once)."""
