@@ -8,7 +8,6 @@ config/validate.py can report them with the config's file name in its own error 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 

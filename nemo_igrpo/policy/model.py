@@ -16,12 +16,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from nemo_igrpo.policy import cpu_compat
-from nemo_igrpo.policy.config import ModelConfig, PolicyConfig, TinyModelConfig
+from nemo_igrpo.policy.config import PolicyConfig, TinyModelConfig
 from nemo_igrpo.policy.fusions import apply_fusion_decisions
 
 # Dense decoder families the actor's layer specs (TE, or local + SDPA) build correctly. The

@@ -6,7 +6,6 @@ backend is wrapped to record the calls; the wrapper changes nothing except, on o
 reporting that sleep dropped the weights as vLLM's level-2 sleep does on a GPU."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from helpers import REPO
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from nemo_igrpo.config import loader
 from nemo_igrpo.config.loader import ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]

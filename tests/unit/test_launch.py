@@ -2,7 +2,6 @@
 carry the right nodes, GPUs, container, command, environment and requeue handling."""
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def test_sbatch_hetjob_for_the_papers_14b_layout(site_file):
     assert "max_requeues=7" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert '$SLURM_JOB_NODELIST_HET_GROUP_1' in script
     assert "srun --het-group=1" in script and "node_entry.sh generate" in script
-    assert (f"srun --het-group=0 --kill-on-bad-exit=1 --wait=120") in script
+    assert ("srun --het-group=0 --kill-on-bad-exit=1 --wait=120") in script
     assert f"node_entry.sh train train {CFG_14B_FP8} trainer.max_steps=2 " \
            "'generation.server.weight_sync_dir=${run.dir}/weight_sync'" in script
     assert "--container-image=/shared/images/nemo-igrpo.sqsh" in script

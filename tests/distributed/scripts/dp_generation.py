@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[3]
 
