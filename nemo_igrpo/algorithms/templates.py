@@ -33,31 +33,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nemo_igrpo.algorithms.config import DraftTemplateConfig
-from nemo_igrpo.utils.errors import UserError
+from nemo_igrpo.utils.errors import PromptDoesNotFit
 
 _DRAFT_SENTINEL = "\u2063NEMO_IGRPO_DRAFT_SLOT\u2063"  # invisible separators around a unique name
 _PLACEHOLDER = re.compile(r"\{prompt\}|\{draft\}")
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 TRUNCATION_SIDES = ("left", "right")
-
-
-class PromptDoesNotFit(UserError, ValueError):
-    """A prompt (plain, or with its draft) does not fit the configured token limits.
-
-    `where` names the problem for the user ("train.jsonl: line 12", see `Problem.location`);
-    without it the message falls back to the problem's 0-based position."""
-
-    def __init__(self, message: str, *, problem_index: Optional[int], needed: int, limit: int, key: str,
-                 where: Optional[str] = None):
-        if where is None and problem_index is not None:
-            where = f"problem {problem_index}"
-        prefix = f"{where}: " if where else ""
-        super().__init__(f"{prefix}{message} (needs {needed} tokens, limit {limit}; see {key})")
-        self.problem_index = problem_index
-        self.where = where
-        self.needed = needed
-        self.limit = limit
-        self.key = key
 
 
 @dataclass

@@ -30,13 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_igrpo.config.schema import IGRPOConfig
-from nemo_igrpo.utils.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem, with the file and the key path that caused it.
-
-    Still a ValueError for library callers; a UserError so the CLI prints it as one line."""
+from nemo_igrpo.config.validate import validate_config
+from nemo_igrpo.utils.errors import ConfigError
 
 
 @dataclass
@@ -241,7 +236,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{path}: bad value for '{key}': {e}") from None
-    from nemo_igrpo.config.validate import validate_config
 
     validate_config(obj, source=str(path), import_reward_terms=import_reward_terms)
     return obj  # type: ignore[return-value]

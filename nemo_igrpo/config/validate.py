@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_igrpo.config.schema import IGRPOConfig
+from nemo_igrpo.utils.errors import ConfigError
 
 
 def _fail(source: str, key: str, msg: str) -> None:
-    from nemo_igrpo.config.loader import ConfigError
-
     raise ConfigError(f"{source}: '{key}': {msg}")
 
 

@@ -30,6 +30,7 @@ import torch
 
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
 from nemo_igrpo.utils import collectives
+from nemo_igrpo.utils.errors import GenerationRequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
-
-
-class GenerationRequestFailed(RuntimeError):
-    """A group's engine raised; every rank raises this with the first group's message."""
 
 
 class DataParallelGenerator(GenerationBackend):

@@ -50,7 +50,7 @@ def _build(cfg: PolicyConfig, load_weights: bool):
 def hf_to_megatron(src: str, dst: str, tp: int = 1, pp: int = 1) -> None:
     from megatron.core import dist_checkpointing
 
-    from nemo_igrpo.policy.actor import _replace_dir
+    from nemo_igrpo.policy.checkpoint import replace_dir
     from nemo_igrpo.policy.model import unwrap
 
     built = _build(_policy_cfg(src, tp, pp), load_weights=True)
@@ -68,7 +68,7 @@ def hf_to_megatron(src: str, dst: str, tp: int = 1, pp: int = 1) -> None:
         dist_checkpointing.save(state, str(tmp))
     collectives.barrier()
     if dist.get_rank() == 0:
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     collectives.barrier()
 
 
@@ -91,7 +91,7 @@ def megatron_to_hf(src: str, dst: str, hf_template: Optional[str] = None, tp: in
                    base: Optional[PolicyConfig] = None) -> None:
     from megatron.core import dist_checkpointing
 
-    from nemo_igrpo.policy.actor import CHECKPOINT_FORMAT, _replace_dir
+    from nemo_igrpo.policy.checkpoint import CHECKPOINT_FORMAT, replace_dir
     from nemo_igrpo.policy.distributed import init_process_group
     from nemo_igrpo.policy.model import unwrap
 
@@ -135,13 +135,13 @@ def megatron_to_hf(src: str, dst: str, hf_template: Optional[str] = None, tp: in
         for f in Path(template).iterdir():
             if f.is_file() and REMOTE_CODE_FILES.match(f.name) and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     collectives.barrier()
 
 
 def run_convert_cli(args) -> int:
     """Entry point of `igrpo convert` (argparse namespace from nemo_igrpo.cli)."""
-    from nemo_igrpo.cli import UserError
+    from nemo_igrpo.utils.errors import UserError
 
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     try:

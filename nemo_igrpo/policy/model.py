@@ -23,6 +23,7 @@ import torch
 from nemo_igrpo.policy import cpu_compat
 from nemo_igrpo.policy.config import PolicyConfig, TinyModelConfig
 from nemo_igrpo.policy.fusions import apply_fusion_decisions
+from nemo_igrpo.utils.errors import UnsupportedModelError
 
 # Dense decoder families the actor's layer specs (TE, or local + SDPA) build correctly. The
 # DeepSeek-R1-Distill-Qwen and OpenMath-Nemotron checkpoints are Qwen2ForCausalLM.
@@ -30,10 +31,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
 HYBRID_ARCHITECTURES = ("NemotronHForCausalLM",)
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture cannot be trained by this actor (yet)."""
 
 
 def read_architecture(hf_dir: str | Path) -> str:

@@ -108,10 +108,6 @@ class JudgeResult:
     requests: int  # chat-completion requests sent, retries included (model discovery not counted)
 
 
-class _RetryableError(Exception):
-    pass
-
-
 class JudgeClient:
     """Thread-safe client; create one per run and `close()` it (or use it as a context manager)."""
 

@@ -45,11 +45,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from nemo_igrpo.config.loader import ConfigError
 from nemo_igrpo.rewards.base import RewardOutput, RewardSample
 from nemo_igrpo.rewards.config import RewardConfig
 from nemo_igrpo.rewards.registry import REWARD_FUNCTIONS, RewardResolutionError, resolve_reward
-from nemo_igrpo.utils.errors import RewardTermFailing
+from nemo_igrpo.utils.errors import RewardConfigError, RewardTermFailing
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +62,6 @@ _BOOT_TIMEOUT_S = 180.0  # a worker that is not ready by then is broken (an impo
 _MAX_CONSECUTIVE_BOOT_FAILURES = 3
 _MAX_CHUNK = 16
 _RESPONSE_PREVIEW_CHARS = 200
-
-
-class RewardConfigError(ConfigError):
-    """A reward config that cannot work; the message names the key (reward.terms[i]...)."""
 
 
 @dataclass

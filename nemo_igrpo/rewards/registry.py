@@ -16,13 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Protocol
 
+from nemo_igrpo.utils.errors import RewardResolutionError
+
 
 class RewardFunction(Protocol):
     def __call__(self, prompt: str, response: str, reference: Any, **kwargs: Any) -> float: ...
-
-
-class RewardResolutionError(ValueError):
-    """A reward term name that names no registered function and no importable callable."""
 
 
 REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {}

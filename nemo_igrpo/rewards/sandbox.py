@@ -41,17 +41,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from nemo_igrpo.utils.errors import UserError
+from nemo_igrpo.utils.errors import SandboxUnavailableError
 
 RUNNER = Path(__file__).with_name("_sandbox_runner.py")
 _RUNNER_INSIDE = "/igrpo/_sandbox_runner.py"
 _NOBODY = 65534
 _STAGE = "/tmp"  # where the outer (root) bwrap puts what nobody must be able to read
 _STDERR_CAP = 16384
-
-
-class SandboxUnavailableError(UserError):
-    """The OS sandbox cannot start on this host; the message names the setting to change."""
 
 
 @dataclass(frozen=True)

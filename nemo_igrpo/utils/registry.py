@@ -23,16 +23,9 @@ import importlib
 import inspect
 from typing import Callable, Optional, TypeVar
 
-from nemo_igrpo.utils.errors import UserError
+from nemo_igrpo.utils.errors import PluginResolutionError
 
 F = TypeVar("F", bound=Callable)
-
-
-class PluginResolutionError(UserError, ValueError):
-    """A registry value that names no registered function and no importable, fitting callable.
-
-    A ValueError for library callers (what `lookup` always raised) and a UserError so the CLI
-    prints it as one line, exit 2, when it surfaces outside config validation."""
 
 
 def is_import_path(name: object) -> bool:
