@@ -38,3 +38,21 @@ bench-all: bench bench-actor bench-generation bench-scaling
 
 clean-env:
 	rm -rf .venv
+
+# The GPU test machine (one GPU, no network, its own torch): bench/RESULTS.md, "gpu-check".
+# gpu-wheels runs here (PyPI access) and fills .gpu-wheels; the others run there, with that
+# machine's python (GPU_PYTHON), not .venv.
+GPU_PYTHON ?= python3
+.PHONY: gpu-wheels gpu-check gpu-check-setup gpu-check-plan
+
+gpu-wheels: env
+	$(PY) scripts/prepare_gpu_wheels.py
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-setup:
+	$(GPU_PYTHON) bench/gpu_check.py --setup-only
+
+gpu-check-plan:
+	$(GPU_PYTHON) bench/gpu_check.py --dry-run

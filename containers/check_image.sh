@@ -17,5 +17,10 @@ layer(x).sum().backward()
 if ok:
     with te.fp8_autocast(enabled=True):
         layer(x).sum().backward()
-print("check_image: ok")
+print("check_image: TE ok")
 PY
+# vLLM's GPU build against this torch: its compiled ops load, and the OpenAI server's entry point
+# parses its arguments (imports the serving path, orjson included).
+python -c "import vllm, vllm._C, orjson; print('vllm', vllm.__version__)"
+python -m vllm.entrypoints.openai.api_server --help > /dev/null
+echo "check_image: ok"
