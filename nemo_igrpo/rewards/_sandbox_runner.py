@@ -33,14 +33,40 @@ int, a namedtuple a tuple); anything else cannot be encoded and fails that test.
 with its own __eq__ ever reaches the comparison in the parent.
 """
 
+import os
 import resource
+import signal
 import sys
+import time
+
+
+def _arm_watchdog(seconds: int) -> None:
+    """A process that ends the whole sandbox `seconds` from now, from inside its PID namespace.
+
+    The parent kills the sandbox at its deadline, and bwrap's --die-with-parent covers a parent
+    that dies; but the parent-death signal is a chain across bwrap's stages whose links the
+    kernel clears on credential changes (entering a user namespace is one), so it is a second
+    line here, not the only one. kill(-1) reaches every process of the sandbox user in this
+    namespace. A run that ends earlier takes the watchdog with it (the namespace's init exits)."""
+    if os.fork():
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # hold no pipe the parent reads to EOF
+            os.dup2(devnull, fd)
+        time.sleep(seconds)
+        os.kill(-1, signal.SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def _set_limits(argv):
     # First, before anything of the job is even read: hard = soft, so nothing later in this
     # process tree can raise them (CAP_SYS_RESOURCE is dropped and belongs to the host anyway).
     cpu_s, as_bytes, fsize, nofile, nproc = (int(a) for a in argv[1:6])
+    if len(argv) > 6:
+        _arm_watchdog(int(argv[6]))
+        nproc += 1  # the watchdog is one of the sandbox user's processes
     # CPU: SIGXCPU at the soft limit (kills by default), SIGKILL at the hard one.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
     resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
@@ -59,10 +85,7 @@ import builtins  # noqa: E402 - after the limits on purpose
 import io  # noqa: E402
 import json  # noqa: E402
 import operator  # noqa: E402
-import os  # noqa: E402
 import select  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
 
 _MAX_DEPTH = 64
 

@@ -29,6 +29,7 @@ nothing runs unsandboxed instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import selectors
 import shutil
@@ -132,7 +133,10 @@ def build_command(limits: SandboxLimits, allow_site_packages: bool = False) -> l
             sources[host_dir] = staged
         outer += ["--ro-bind", runner_source, f"{_STAGE}/igrpo-runner.py"]
         runner_source = f"{_STAGE}/igrpo-runner.py"
-        outer += ["--", setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--"]
+        # The uid change clears the parent-death signal (prctl(2)); --pdeathsig sets it again, so
+        # the inner bwrap dies with the outer one, which dies with us (--die-with-parent).
+        outer += ["--", setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
+                  "--pdeathsig", "SIGKILL", "--"]
     inner = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
              "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox"]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
@@ -148,7 +152,9 @@ def build_command(limits: SandboxLimits, allow_site_packages: bool = False) -> l
     mb = 1024 * 1024
     runner = [python, "-I"] + ([] if allow_site_packages else ["-S"]) + [
         _RUNNER_INSIDE, str(int(limits.cpu_s)), str(int(limits.memory_mb) * mb), str(int(limits.max_file_mb) * mb),
-        str(int(limits.max_open_files)), str(int(limits.max_processes))]
+        str(int(limits.max_open_files)), str(int(limits.max_processes)),
+        # The in-sandbox watchdog's deadline: after the parent's own (which normally ends the run).
+        str(int(math.ceil(limits.wall_s)) + 5)]
     return outer + inner + ["--"] + runner
 
 

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -173,6 +174,21 @@ def _leftovers(marker: str) -> list[psutil.Process]:
         except psutil.Error:  # gone, a zombie, or not ours to read
             pass
     return found
+
+
+def _status(proc: psutil.Process):
+    try:
+        return proc.status()
+    except psutil.Error:
+        return None
+
+
+def _is_inner_python(proc: psutil.Process) -> bool:
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return False
+    return bool(cmd) and "python" in Path(cmd[0]).name and any(part.endswith("/igrpo/_sandbox_runner.py") for part in cmd)
 
 
 def _runner_processes(parent_pid: int) -> list[psutil.Process]:
@@ -439,22 +455,29 @@ def test_process_limit_holds_per_sandbox():
 
 
 def test_sandbox_does_not_outlive_a_killed_parent():
-    # The RewardManager kills a hung worker; bwrap's --die-with-parent takes the sandbox with it.
+    # The RewardManager kills a hung worker: the sandbox must not outlive its wall-clock budget
+    # (10 s here) without the parent that would have killed it (bwrap's --die-with-parent, and
+    # the runner's in-sandbox watchdog at the budget + 5 s).
     parent = subprocess.Popen([sys.executable, "-c", (
         "from nemo_igrpo.rewards.code import run_tests\n"
-        "run_tests('import time\\ntime.sleep(1000)\\n', ['assert True'], timeout_s=60.0, per_test_timeout_s=None)\n")])
+        "run_tests('import time\\ntime.sleep(1000)\\n', ['assert True'], timeout_s=10.0, per_test_timeout_s=None)\n")])
     try:
         deadline = time.monotonic() + 120  # imports on a loaded 2-core machine
         sandboxes: list = []
-        while not sandboxes and time.monotonic() < deadline:
+        # Wait for the interpreter inside the sandbox, not just bwrap's first stage: bwrap arms
+        # --die-with-parent as it starts, and killing the parent before that tests nothing.
+        while not any(_is_inner_python(p) for p in sandboxes) and time.monotonic() < deadline:
             time.sleep(0.05)
             sandboxes = _runner_processes(parent.pid)
-        assert sandboxes, "the sandbox process never started"
+        assert any(_is_inner_python(p) for p in sandboxes), "the sandboxed interpreter never started"
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     gone, alive = psutil.wait_procs(sandboxes, timeout=60)
-    assert not alive, "sandbox still running after its parent was killed"
+    # A zombie runs nothing: it is dead and waits only for its new parent (PID 1 here, which in
+    # some containers never reaps) to collect it.
+    running = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, None)]
+    assert not running, f"sandbox still running after its parent was killed: {[(p.pid, _status(p)) for p in running]}"
 
 
 def test_reward_manager_refuses_at_start_when_the_sandbox_cannot_start(monkeypatch, tmp_path):
