@@ -7,7 +7,12 @@ default, when the paper is silent) as its default. See docs/algorithm.md for the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
+
+# Enumerated settings (the loader rejects other values, naming the key; see generation/config.py).
+TieBreak = Literal["random", "first"]
+AllZeroDrafts = Literal["append", "skip"]
+TruncationSide = Literal["left", "right"]
 
 # The paper's only published template (arXiv 2602.09000, appendix), verbatim.
 PAPER_SYSTEM_PROMPT = (
@@ -35,7 +40,7 @@ class DraftTemplateConfig:
     max_draft_tokens: Optional[int] = None
     # Which end of an over-long draft is cut (whole tokens only): "left" keeps the draft's end,
     # where its final answer is; "right" keeps its beginning. Paper: not stated.
-    truncation_side: str = "left"
+    truncation_side: TruncationSide = "left"
 
 
 @dataclass
@@ -62,8 +67,8 @@ class AlgorithmConfig:
     num_drafts: int = 4
     num_refinements: int = 4
     # Best-draft selection. Paper: argmax, ties and all-zero rewards not stated.
-    tie_break: str = "random"  # random (seeded) | first
-    all_zero_drafts: str = "append"  # append (paper behaviour) | skip (refine from the bare prompt)
+    tie_break: TieBreak = "random"  # random (seeded) | first
+    all_zero_drafts: AllZeroDrafts = "append"  # append (paper behaviour) | skip (refine from the bare prompt)
     template: DraftTemplateConfig = field(default_factory=DraftTemplateConfig)
     # Advantage estimator (registered name): grpo | dr_grpo | rloo
     advantage: str = "grpo"

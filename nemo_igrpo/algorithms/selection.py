@@ -15,12 +15,14 @@ Selection never touches gradients: it only decides which text is placed into the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, get_args
 
 import numpy as np
 
-TIE_BREAK_RULES = ("random", "first")
-ALL_ZERO_POLICIES = ("append", "skip")
+from nemo_igrpo.algorithms.config import AllZeroDrafts, TieBreak
+
+TIE_BREAK_RULES: tuple[str, ...] = get_args(TieBreak)
+ALL_ZERO_POLICIES: tuple[str, ...] = get_args(AllZeroDrafts)
 
 
 @dataclass

@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
-from nemo_igrpo.algorithms.config import DraftTemplateConfig
+from nemo_igrpo.algorithms.config import DraftTemplateConfig, TruncationSide
 from nemo_igrpo.utils.errors import PromptDoesNotFit
 
 _DRAFT_SENTINEL = "\u2063NEMO_IGRPO_DRAFT_SLOT\u2063"  # invisible separators around a unique name
 _PLACEHOLDER = re.compile(r"\{prompt\}|\{draft\}")
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-TRUNCATION_SIDES = ("left", "right")
+TRUNCATION_SIDES: tuple[str, ...] = get_args(TruncationSide)
 
 
 @dataclass

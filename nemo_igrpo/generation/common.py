@@ -7,16 +7,23 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union, get_args
 
 import torch
 
-from nemo_igrpo.generation.config import GenerationConfig, VLLMConfig
+from nemo_igrpo.generation.config import (
+    GenerationConfig,
+    LogprobsMode,
+    Quantization,
+    SleepLevel,
+    VLLMConfig,
+    WeightTransport,
+)
 from nemo_igrpo.generation.interface import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+SUPPORTED_LOGPROBS_MODES = get_args(LogprobsMode)
 FINISH_REASONS = ("stop", "length")
 # How weights reach each kind of server (see docs/generation.md).
 SERVER_WEIGHT_SYNC_PATHS = {
@@ -87,7 +94,7 @@ def vllm_hybrid_engine_kwargs(model_dir: str, *, on_cpu: bool) -> dict:
 
 # vLLM's online quantization schemes (bf16 weights in, quantized in the engine on every load):
 # the ones that fit a trainer streaming new weights each step.
-VLLM_ONLINE_QUANTIZATION = ("fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8")
+VLLM_ONLINE_QUANTIZATION = get_args(Quantization)
 
 
 def check_generation_config(cfg: GenerationConfig) -> None:
@@ -98,7 +105,7 @@ def check_generation_config(cfg: GenerationConfig) -> None:
         )
     if cfg.weight_sync_bucket_mb <= 0:
         raise ValueError(f"generation.weight_sync_bucket_mb: must be > 0, got {cfg.weight_sync_bucket_mb}")
-    if cfg.vllm.sleep_level not in (1, 2):
+    if cfg.vllm.sleep_level not in get_args(SleepLevel):
         raise ValueError(f"generation.vllm.sleep_level: must be 1 or 2, got {cfg.vllm.sleep_level}")
     if cfg.server.max_concurrent_requests < 1:
         raise ValueError(
@@ -123,8 +130,9 @@ def check_generation_config(cfg: GenerationConfig) -> None:
             f"generation.vllm.quantization: {cfg.vllm.quantization!r} is not one of "
             f"{list(VLLM_ONLINE_QUANTIZATION)} (or null for none)"
         )
-    if cfg.vllm.weight_transport not in ("shm", "rpc"):
-        raise ValueError(f"generation.vllm.weight_transport: {cfg.vllm.weight_transport!r} is not one of ['shm', 'rpc']")
+    if cfg.vllm.weight_transport not in get_args(WeightTransport):
+        raise ValueError(f"generation.vllm.weight_transport: {cfg.vllm.weight_transport!r} is not one of "
+                         f"{list(get_args(WeightTransport))}")
     if cfg.vllm.cpu_kvcache_space_gb < 1:
         raise ValueError(f"generation.vllm.cpu_kvcache_space_gb: must be >= 1, got {cfg.vllm.cpu_kvcache_space_gb}")
 

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
+
+# Enumerated settings: the loader (OmegaConf) rejects any other value with the key's full path,
+# and code that needs the list reads it from here (get_args), never from a copy.
+Backend = Literal["vllm", "vllm_server", "megatron", "trtllm_server"]
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+WeightTransport = Literal["shm", "rpc"]
+WeightSync = Literal["reload_from_dir", "nccl", "cuda_ipc", "none"]
+# vLLM's online quantization schemes (bf16 weights in, quantized in the engine on every load).
+Quantization = Literal["fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8"]
+SleepLevel = Literal[1, 2]
+
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
@@ -23,7 +35,7 @@ class VLLMConfig:
     enable_sleep_mode: bool = False  # release generator memory during training (GPU only)
     # Sleep level used by `sleep()`: 1 offloads weights to host memory, 2 discards them (the
     # trainer pushes fresh weights after every step anyway, so 2 saves the host copy).
-    sleep_level: int = 2
+    sleep_level: SleepLevel = 2
     enforce_eager: bool = True
     max_model_len: Optional[int] = None
     tensor_parallel_size: int = 1
@@ -36,13 +48,13 @@ class VLLMConfig:
     # | mxfp8 (Blackwell). Needs FP8 kernels: Hopper/Blackwell GPUs, or AMX-FP8 CPUs.
     # FP8 log-probs differ from the bf16 trainer's: watch generation/logprob_mismatch and set
     # algorithm.tis_cap (truncated importance sampling) to correct for it.
-    quantization: Optional[str] = None
+    quantization: Optional[Quantization] = None
     # How a weight-sync bucket reaches the engine's workers (same host): "shm" writes it as a
     # safetensors file in /dev/shm and sends the path (the workers memory-map it); "rpc" sends
     # the bytes inside vLLM's RPC message. "shm" falls back to "rpc" when /dev/shm is missing or
     # too small for a bucket (containers default to 64 MB: run them with --ipc=host or a larger
     # --shm-size).
-    weight_transport: str = "shm"
+    weight_transport: WeightTransport = "shm"
 
 
 @dataclass
@@ -59,7 +71,7 @@ class ServerConfig:
     # How trainer weights reach the server after each step: "reload_from_dir" (a safetensors
     # directory the server can read; works on CPU), "nccl" (GPU broadcast), "cuda_ipc"
     # (trtllm-serve on the same node), or "none".
-    weight_sync: str = "reload_from_dir"
+    weight_sync: WeightSync = "reload_from_dir"
     # Where "reload_from_dir" writes the safetensors shards; the server must be able to read it
     # (same machine or a shared file system). None: a temporary directory on this machine.
     weight_sync_dir: Optional[str] = None
@@ -76,7 +88,7 @@ class ServerConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "vllm"  # vllm | vllm_server | megatron | trtllm_server
+    backend: Backend = "vllm"
     # Colocated backends (vllm, megatron) under torchrun: every generation group (a rank with its
     # own vLLM engine; a model-parallel replica for megatron) generates its share of every call,
     # so all GPUs generate. false: global rank 0 generates everything while the others wait.
@@ -94,6 +106,6 @@ class GenerationConfig:
     # recomputes for the importance ratio. "processed_logprobs" would report the
     # temperature-scaled, top-p-truncated distribution the token was drawn from; the trainer
     # would then have to apply the same temperature and truncation to its logits.
-    logprobs_mode: str = "raw_logprobs"
+    logprobs_mode: LogprobsMode = "raw_logprobs"
     # Mean exp(|logp_train - logp_gen|) above this logs a warning (NeMo-RL uses 1.05).
     logprob_mismatch_warn: float = 1.05

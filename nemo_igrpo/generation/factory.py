@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 from nemo_igrpo.generation.common import check_generation_config
-from nemo_igrpo.generation.config import GenerationConfig
+from nemo_igrpo.generation.config import BACKENDS, GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend
 
-BACKENDS = ("vllm", "vllm_server", "megatron", "trtllm_server")
 
 
 def build_generation_backend(

@@ -159,8 +159,12 @@ def resolve_transformer_impl(impl: str) -> str:
     """'auto' -> 'transformer_engine' when TE's torch extension imports, else 'local'."""
     from nemo_igrpo.policy.cpu_compat import transformer_engine_importable
 
-    if impl not in ("auto", "transformer_engine", "local"):
-        raise ValueError(f"policy.model.transformer_impl: {impl!r} is not one of auto, transformer_engine, local")
+    from typing import get_args
+
+    from nemo_igrpo.policy.config import TransformerImpl
+
+    if impl not in get_args(TransformerImpl):
+        raise ValueError(f"policy.model.transformer_impl: {impl!r} is not one of {', '.join(get_args(TransformerImpl))}")
     if impl == "auto":
         return "transformer_engine" if transformer_engine_importable() else "local"
     if impl == "transformer_engine" and not transformer_engine_importable():

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
+
+# Enumerated settings (the loader rejects other values, naming the key; see generation/config.py).
+Precision = Literal["fp32", "bf16"]
+FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+Recompute = Literal["selective", "full"]
+TransformerImpl = Literal["auto", "transformer_engine", "local"]
+TinyArch = Literal["llama", "qwen2", "nemotron_h"]
 
 
 @dataclass
@@ -13,7 +20,7 @@ class TinyModelConfig:
     Used only when `policy.model.hf_path` is unset.
     """
 
-    arch: str = "llama"  # llama | qwen2 (the HF architecture make_tiny_hf_model writes)
+    arch: TinyArch = "llama"  # the HF architecture make_tiny_hf_model writes
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 256
@@ -32,7 +39,7 @@ class ModelConfig:
     hf_path: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # "auto": TransformerEngine layer spec when TE imports, else the local spec with torch SDPA.
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    transformer_impl: TransformerImpl = "auto"
 
 
 @dataclass
@@ -53,10 +60,10 @@ class PolicyConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Data parallel size is derived: world_size / (tp * pp).
-    precision: str = "fp32"  # fp32 | bf16
-    fp8: Optional[str] = None  # None | delayed | tensorwise | blockwise | mxfp8 (needs TE)
+    precision: Precision = "fp32"
+    fp8: Optional[FP8Recipe] = None  # needs TransformerEngine and FP8 tensor cores
     use_distributed_optimizer: bool = False
-    activation_recompute: Optional[str] = None  # None | selective | full
+    activation_recompute: Optional[Recompute] = None
     # Padding-free micro-batches: sequences are packed up to this many tokens per micro-batch.
     max_tokens_per_microbatch: int = 4096
     # Log-probs and entropies are computed over this many scored tokens at a time, so the fp32

@@ -16,12 +16,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from nemo_igrpo.policy import cpu_compat
-from nemo_igrpo.policy.config import PolicyConfig, TinyModelConfig
+from nemo_igrpo.policy.config import FP8Recipe, PolicyConfig, Precision, Recompute, TinyModelConfig
 from nemo_igrpo.policy.fusions import apply_fusion_decisions
 from nemo_igrpo.utils.errors import UnsupportedModelError
 
@@ -30,7 +30,7 @@ from nemo_igrpo.utils.errors import UnsupportedModelError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 HYBRID_ARCHITECTURES = ("NemotronHForCausalLM",)
 
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
 
 
 def read_architecture(hf_dir: str | Path) -> str:
@@ -150,10 +150,12 @@ def build_model(
 
         check_hybrid_fp8(cfg.fp8)
     _check_fp8(cfg, impl)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"policy.precision: {cfg.precision!r} is not one of fp32, bf16")
-    if cfg.activation_recompute not in (None, "selective", "full"):
-        raise ValueError(f"policy.activation_recompute: {cfg.activation_recompute!r} is not one of null, selective, full")
+    # Library callers build PolicyConfig without the loader's type check: the same lists, from the types.
+    if cfg.precision not in get_args(Precision):
+        raise ValueError(f"policy.precision: {cfg.precision!r} is not one of {', '.join(get_args(Precision))}")
+    if cfg.activation_recompute is not None and cfg.activation_recompute not in get_args(Recompute):
+        raise ValueError(f"policy.activation_recompute: {cfg.activation_recompute!r} is not one of null, "
+                         f"{', '.join(get_args(Recompute))}")
 
     bridge_mod = cpu_compat.import_megatron_bridge()
     if load_weights:

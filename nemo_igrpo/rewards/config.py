@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RewardConfig:
     # How reward worker processes start. Not "fork": the trainer holds torch/gloo threads, and a
     # forked child can inherit a held lock. "forkserver" forks replacements (after a killed,
     # hung sample) from a clean pre-imported server in milliseconds; "spawn" is the portable one.
-    start_method: str = "forkserver"
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
     # A term that fails (raises, times out, NaN, out of range) on every sample of this many
     # consecutive training steps stops the run with its last error: every score it gave was
     # reward.fallback_score, so training on it only wastes the allocation. 0: never stop (the
