@@ -59,6 +59,7 @@ import torch
 
 from nemo_igrpo.generation.common import check_generation_config, check_request
 from nemo_igrpo.generation.config import GenerationConfig
+from nemo_igrpo.utils import collectives
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -265,8 +266,7 @@ class MegatronGenerationBackend(GenerationBackend):
                 # Every rank of the group must sample alike; the streams agree when the ranks
                 # built the backend with the same seed, and this makes it so regardless.
                 src = torch.distributed.get_process_group_ranks(self._mp_group)[0]
-                seeds = seeds.to(self.device)
-                torch.distributed.broadcast(seeds, src=src, group=self._mp_group)
+                collectives.broadcast(seeds, src=src, group=self._mp_group)
             seeds = seeds.tolist()
         return [sampling_generator(int(s), self.device) for s in seeds]
 

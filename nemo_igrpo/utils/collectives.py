@@ -117,6 +117,18 @@ def all_reduce(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
     return tensor
 
 
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """In-place broadcast from global rank `src` on `group`, on the device that group requires."""
+    device = group_device(group)
+    if tensor.device == device:
+        dist.broadcast(tensor, src=src, group=group)
+        return tensor
+    moved = tensor.to(device)
+    dist.broadcast(moved, src=src, group=group)
+    tensor.copy_(moved)
+    return tensor
+
+
 # ---------------------------------------------------------------------------------------------
 # Control plane (gloo, long timeout).
 
