@@ -35,9 +35,10 @@ import torch
 from nemo_igrpo.algorithms.checkpointing import checkpoint_dir, latest_checkpoint, prune_checkpoints
 from nemo_igrpo.config.loader import save_config
 from nemo_igrpo.config.schema import IGRPOConfig
-from nemo_igrpo.utils import collectives
+from nemo_igrpo.utils import collectives, console as run_console
 from nemo_igrpo.utils.errors import GenerationServerError, RewardTermFailing, TrainingAborted
 from nemo_igrpo.utils.metrics_log import MetricsLogger, step_summary, truncate_metrics
+from nemo_igrpo.utils.samples import SampleLog
 
 logger = logging.getLogger("nemo_igrpo.trainer")
 
@@ -130,7 +131,7 @@ def _split(seq: list, parts: int) -> list[list]:
 
 
 class Trainer:
-    def __init__(self, cfg: IGRPOConfig, console=print):
+    def __init__(self, cfg: IGRPOConfig, console=run_console.echo):
         self.cfg = cfg
         self.console = console
         self.run_dir = Path(cfg.run.dir)
@@ -154,6 +155,9 @@ class Trainer:
                               if cfg.data.eval_path else [])
         self.sampler = PromptSampler(self.train_problems, cfg.data.prompts_per_step, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
+        if os.environ.get("RANK", "0").strip() in ("", "0"):  # torch.distributed is not up yet
+            self.console(f"[igrpo] data: {len(self.train_problems)} training problems, {len(self.eval_problems)} held-out; "
+                         f"building the policy ({cfg.policy.model.hf_path or 'tiny model'})")
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
@@ -192,6 +196,7 @@ class Trainer:
                                              actor=self.actor, per_rank_engine=True)
             self.generator = DataParallelGenerator(local, group_size=group)
         if self.is_main:
+            self.console(f"[igrpo] starting the generation backend ({cfg.generation.backend})")
             from nemo_igrpo.algorithms.rollout import IGRPORollout
             from nemo_igrpo.algorithms.templates import PromptBuilder
             from nemo_igrpo.rewards.manager import RewardManager
@@ -201,13 +206,16 @@ class Trainer:
                                                                       seed=cfg.seed, actor=self.actor)
             self.rollout = IGRPORollout(cfg.algorithm, cfg.generation, self.backend, self.rewards, self.tokenizer, cfg.seed,
                                         problem_source=lambda k: self.sampler.next_batch(k),
-                                        apply_chat_template=cfg.data.apply_chat_template)
+                                        apply_chat_template=cfg.data.apply_chat_template,
+                                        num_records=max(0, cfg.logging.samples_per_step))
             self.eval_prompts = PromptBuilder(self.tokenizer, cfg.algorithm.template,
                                               max_prompt_tokens=cfg.generation.max_prompt_tokens,
                                               max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
                                               apply_chat_template=cfg.data.apply_chat_template)
         self.log = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, enabled=self.is_main,
                                  config_dict=asdict(cfg))
+        self.samples = SampleLog(self.run_dir, cfg.logging.samples_max_mb,
+                                 enabled=self.is_main and cfg.logging.samples_per_step > 0)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -229,6 +237,7 @@ class Trainer:
         if path is None:
             if self.is_main:
                 truncate_metrics(self.log.path, 0)  # a fresh run: drop records of an earlier try
+                self.samples.truncate(0)
             return 0
         extra = self.actor.load_checkpoint(str(path))
         self.sampler.load_state_dict(extra["sampler"])
@@ -238,6 +247,7 @@ class Trainer:
         step = int(extra["step"])
         if self.is_main:
             truncate_metrics(self.log.path, step)
+            self.samples.truncate(step)
             self.console(f"[igrpo] resuming from {path} (step {step})")
         self._sync_weights()  # the generator starts from the initial weights: give it the checkpoint's
         return step
@@ -433,6 +443,8 @@ class Trainer:
                     f"step {step}: {message}. {saved}rerun the same command when the server is back to resume.")
             raise RewardTermFailing(f"step {step}: {message}. {saved}rerun the same command to resume once fixed.")
         batch = _broadcast(batch)
+        if self.is_main and batch.records:
+            self._log_samples(step, batch.records)
         sampler_state = _broadcast(self.sampler.state_dict() if self.is_main else None)
         self.sampler.load_state_dict(sampler_state)
         rec: dict[str, Any] = {"step": step}
@@ -477,6 +489,15 @@ class Trainer:
         rec["throughput/trained_tokens_per_s"] = n_tokens / max(rec["timing/step_s"], 1e-9)
         return rec
 
+    def _log_samples(self, step: int, records: list[dict]) -> None:
+        """What the model wrote this step: samples.jsonl, TensorBoard text, a W&B table. A
+        logging failure (disk full, a W&B hiccup) is reported, never allowed to stop the run."""
+        try:
+            self.samples.write(records)
+            self.log.log_samples(step, records)
+        except Exception as e:
+            logger.warning("step %d: could not log samples: %s", step, e)
+
     def _engine_here(self):
         """This rank's generation engine, if it has one (rank 0 always; every rank with
         data-parallel generation)."""
@@ -491,12 +512,18 @@ class Trainer:
         from tqdm import tqdm
 
         self.bar = tqdm(total=self.cfg.trainer.max_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, leave=False)
+                        dynamic_ncols=True, leave=False, file=run_console.progress_stream())
         plain_console = self.console
-        self.console = lambda msg: self.bar.write(msg) if plain_console is print else plain_console(msg)
+        if plain_console is run_console.echo and run_console.active():
+            # The console session clears and redraws the bar around each of its lines (the
+            # bar draws on the saved terminal, which tqdm.write does not know about).
+            run_console.attach_progress_bar(self.bar)
+        elif plain_console in (print, run_console.echo):
+            self.console = lambda msg: self.bar.write(msg)
 
     def close(self) -> None:
         if getattr(self, "bar", None) is not None:
+            run_console.attach_progress_bar(None)
             self.bar.close()
         closers = [getattr(self, "generator", None) or getattr(self, "backend", None), getattr(self, "rewards", None),
                    getattr(self, "log", None)]
@@ -508,7 +535,7 @@ class Trainer:
                     logger.warning("while closing %s: %s", type(closer).__name__, e)
 
 
-def train(cfg: IGRPOConfig, console=print) -> TrainResult:
+def train(cfg: IGRPOConfig, console=run_console.echo) -> TrainResult:
     logging.basicConfig(level=os.environ.get("IGRPO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return Trainer(cfg, console=console).run()

@@ -55,6 +55,15 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "nemo-igrpo"
     wandb_entity: Optional[str] = None
+    # quiet: the terminal shows the project's own lines (progress bar, one line per step,
+    # evaluation, errors); other libraries' output goes to <run.dir>/logs/rank<R>.log.
+    # verbose: everything on the terminal (same as --verbose). docs/logging.md.
+    console: str = "quiet"
+    # Prompts per step whose drafts, chosen draft, refinements, rewards and advantages go to
+    # <run.dir>/samples.jsonl (and TensorBoard text / a W&B table when those are on); 0: none.
+    samples_per_step: int = 2
+    # samples.jsonl stops growing at this size (one warning); `igrpo samples RUN_DIR` reads it.
+    samples_max_mb: float = 50.0
 
 
 @dataclass

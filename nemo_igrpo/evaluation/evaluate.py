@@ -195,14 +195,26 @@ def _checkpoints(args) -> list[str]:
 
 def run_eval_cli(args) -> int:
     from nemo_igrpo.config import load_config
-    from nemo_igrpo.data.datasets import load_problems
-    from nemo_igrpo.rewards.manager import RewardManager
 
     if getattr(args, "suite", None):
         from nemo_igrpo.evaluation.suite import run_suite_cli
 
         return run_suite_cli(args)
     cfg = load_config(args.config, args.overrides)
+    from nemo_igrpo.utils import console
+
+    # Model loading and vLLM are noisy: their output goes to <run.dir>/logs/ unless verbose;
+    # leaving the block (by an error too) gives the terminal back before cli.main prints.
+    mode = console.resolve_mode(cfg.logging.console, getattr(args, "verbose", False))
+    with console.session(cfg.run.dir, mode, "eval"):
+        return _run_eval(args, cfg)
+
+
+def _run_eval(args, cfg) -> int:
+    from nemo_igrpo.data.datasets import load_problems
+    from nemo_igrpo.rewards.manager import RewardManager
+    from nemo_igrpo.utils.console import echo
+
     checkpoints = _checkpoints(args)
     if len(checkpoints) > 1:
         raise UserError("several --checkpoint values compare models side by side: that needs --suite (e.g. --suite paper)")
@@ -218,11 +230,11 @@ def run_eval_cli(args) -> int:
     with EvalModel(cfg, source) as model, RewardManager(cfg.reward) as rewards:
         for name, problems in sets:
             results.append(model.evaluate(rewards, problems, cfg.eval, name))
-    print(format_table(results))
+    echo(format_table(results))
     out = Path(args.output) if args.output else Path(cfg.run.dir) / "eval" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": source, "settings": {"temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
                                                             "num_samples": cfg.eval.num_samples},
                                "results": [r.__dict__ for r in results]}, indent=2, default=str))
-    print(f"wrote {out}")
+    echo(f"wrote {out}")
     return 0

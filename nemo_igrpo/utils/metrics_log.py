@@ -90,6 +90,23 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        """A step's sample records (utils/samples.py) as TensorBoard text and a W&B table, when
+        those are on; samples.jsonl itself is written by SampleLog."""
+        if not self.enabled or not records:
+            return
+        from nemo_igrpo.utils import samples
+
+        if self._tb is not None:
+            self._tb.add_text("samples", samples.format_markdown(step, records), step)
+            self._tb.flush()
+        if self._wandb is not None:
+            # Untested here (wandb is not installed in this environment); kept to the one call.
+            import wandb
+
+            columns, rows = samples.wandb_rows(records)
+            self._wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
