@@ -87,10 +87,10 @@ def main(argv=None) -> int:
     params = C.param_count(hf_dir)
 
     from nemo_igrpo.algorithms.config import AlgorithmConfig
-    from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+    from nemo_igrpo.batch import LossInputs, LossNormalizer
     from nemo_igrpo.algorithms.losses import make_loss_fn
     from nemo_igrpo.policy.actor import MegatronActor
-    from nemo_igrpo.policy.batch import TrainSample
+    from nemo_igrpo.batch import TrainSample
     from nemo_igrpo.policy.config import ModelConfig, OptimizerConfig, PolicyConfig
 
     B, T = shape["batch"], shape["seq"]

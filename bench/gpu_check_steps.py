@@ -66,7 +66,7 @@ def te_step(args) -> dict:
     import torch
 
     from nemo_igrpo.policy.actor import MegatronActor
-    from nemo_igrpo.policy.batch import TrainSample
+    from nemo_igrpo.batch import TrainSample
     from nemo_igrpo.policy.config import ModelConfig, OptimizerConfig, PolicyConfig
 
     fp8 = None if args.fp8 == "none" else args.fp8

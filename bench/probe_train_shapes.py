@@ -7,7 +7,7 @@ import _common as C
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.losses import make_loss_fn
 from nemo_igrpo.policy.actor import MegatronActor
-from nemo_igrpo.policy.batch import TrainSample
+from nemo_igrpo.batch import TrainSample
 from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
 m = C.tiny_model()
 actor = MegatronActor(PolicyConfig(model=ModelConfig(hf_path=str(m)), max_tokens_per_microbatch=8192), seed=0, total_steps=100)

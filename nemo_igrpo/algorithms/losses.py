@@ -1,6 +1,6 @@
 """Policy losses and loss aggregation.
 
-The actor calls the loss once per micro-batch (see loss_inputs.py): it passes only the trained
+The actor calls the loss once per micro-batch (see nemo_igrpo/batch.py): it passes only the trained
 response tokens, flattened, with `seq_ids` saying which sequence of the micro-batch each token
 belongs to, plus a `LossNormalizer` of counts over the whole optimizer step. Every value this
 module returns (the loss and each metric) is a *share*: summing the shares of all micro-batches
@@ -34,7 +34,7 @@ import torch
 
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_penalty
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.utils.registry import Registry
 
 logger = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ from nemo_igrpo.algorithms.validation import check_algorithm_config, probe_draft
 from nemo_igrpo.data.datasets import Problem
 from nemo_igrpo.generation.config import GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend, GenerationResult, SamplingParams
-from nemo_igrpo.policy.batch import TrainSample
+from nemo_igrpo.batch import TrainSample
 from nemo_igrpo.rewards.base import RewardOutput, RewardSample
 
 logger = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.policy import checkpoint, cpu_compat
-from nemo_igrpo.policy.batch import SequenceSample, TrainSample
+from nemo_igrpo.batch import SequenceSample, TrainSample
 from nemo_igrpo.policy.config import PolicyConfig
 from nemo_igrpo.policy.distributed import init_parallel_state
 from nemo_igrpo.policy.model import build_model, make_tiny_model_dir, tiny_model_dir

@@ -140,7 +140,7 @@ def test_process_state_is_restored_and_training_still_works(setup):
     actor, backend, _ = setup
     from megatron.core.inference.utils import InferenceMode
 
-    from nemo_igrpo.policy.batch import TrainSample
+    from nemo_igrpo.batch import TrainSample
 
     model = actor.model_chunks[0]
     for mode in (False, True):

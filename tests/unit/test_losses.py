@@ -13,7 +13,7 @@ import torch
 
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, kl_penalty
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.algorithms.losses import POLICY_LOSSES, finalize_loss_metrics, make_loss_fn, register_policy_loss
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]

@@ -20,7 +20,7 @@ import torch
 from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_group_advantages, get_advantage_estimator
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, kl_penalty
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.algorithms.losses import LOSS_AGGREGATIONS, POLICY_LOSSES, make_loss_fn
 from nemo_igrpo.algorithms.validation import algorithm_config_problems, check_algorithm_config
 from nemo_igrpo.config import ConfigError, load_config

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from nemo_igrpo.algorithms.config import AlgorithmConfig, DraftTemplateConfig, DynamicSamplingConfig, OverlongShapingConfig
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.algorithms.losses import make_loss_fn
 from nemo_igrpo.algorithms.rollout import IGRPORollout, overlong_penalty, request_seed
 from nemo_igrpo.algorithms.templates import PromptBuilder

@@ -13,7 +13,7 @@ import torch
 
 from nemo_igrpo.algorithms.config import AlgorithmConfig
 from nemo_igrpo.algorithms.kl import LOG_RATIO_CLAMP
-from nemo_igrpo.algorithms.loss_inputs import LossInputs, LossNormalizer
+from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.algorithms.losses import PolicyLossOutput, segment_lengths, segment_sum
 
 

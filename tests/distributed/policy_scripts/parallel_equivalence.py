@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_igrpo.policy.actor import MegatronActor
-from nemo_igrpo.policy.batch import SequenceSample, TrainSample
+from nemo_igrpo.batch import SequenceSample, TrainSample
 from nemo_igrpo.policy.config import ModelConfig, OptimizerConfig, PolicyConfig
 
 HF_DIR, REPORT, WORK = sys.argv[1], sys.argv[2], Path(sys.argv[3])

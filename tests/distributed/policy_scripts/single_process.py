@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nemo_igrpo.policy.actor import MegatronActor
-from nemo_igrpo.policy.batch import SequenceSample, TrainSample
+from nemo_igrpo.batch import SequenceSample, TrainSample
 from nemo_igrpo.policy.config import ModelConfig, OptimizerConfig, PolicyConfig
 
 WORK, REPORT = Path(sys.argv[1]), Path(sys.argv[2])
