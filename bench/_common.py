@@ -7,6 +7,7 @@ allocator all keep memory and threads alive; a fresh process per run makes runs 
 (run B never inherits run A's caches) and lets us measure the peak memory of one run's whole
 process tree, which is what a user has to provision.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -97,8 +98,9 @@ def machine_info(device: str = "cpu") -> dict:
     except ImportError:
         pass
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, check=False).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         pass
     info["load_at_start"] = other_load()
@@ -109,8 +111,15 @@ def machine_info(device: str = "cpu") -> dict:
 # Assets
 
 
-def tiny_model(hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1, ffn: Optional[int] = None,
-               seed: int = 0, max_pos: int = 1024) -> Path:
+def tiny_model(
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    ffn: Optional[int] = None,
+    seed: int = 0,
+    max_pos: int = 1024,
+) -> Path:
     """A random tiny Llama (char tokenizer) under .cache/bench, made once per shape.
     head_dim = hidden / heads must be 64 for vLLM's CPU attention."""
     from nemo_igrpo.utils.tiny_model import make_tiny_hf_model
@@ -119,9 +128,17 @@ def tiny_model(hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int
     out = CACHE_DIR / "models" / f"llama-h{hidden}-l{layers}-a{heads}-kv{kv_heads}-f{ffn}-s{seed}"
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + ".tmp")
-        make_tiny_hf_model(tmp, arch="llama", num_layers=layers, hidden_size=hidden, intermediate_size=ffn,
-                           num_attention_heads=heads, num_key_value_heads=kv_heads, seed=seed,
-                           max_position_embeddings=max_pos)
+        make_tiny_hf_model(
+            tmp,
+            arch="llama",
+            num_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            seed=seed,
+            max_position_embeddings=max_pos,
+        )
         os.replace(tmp, out)
     return out
 
@@ -252,8 +269,9 @@ def run_child(cmd: Sequence[str], log_path: Path, env: Optional[dict] = None, ti
     full_env.setdefault("PYTHONUNBUFFERED", "1")  # the log shows progress as it happens
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
         poller = _TreeRssPoller(proc.pid)
         poller.start()
         try:
@@ -270,9 +288,15 @@ def run_child(cmd: Sequence[str], log_path: Path, env: Optional[dict] = None, ti
         finally:
             poller.stop()
             poller.join()
-    return ChildRun(returncode=rc, wall_s=time.perf_counter() - start, peak_tree_rss_mb=poller.peak_total / 2**20,
-                    peak_single_rss_mb=poller.peak_single / 2**20, peak_root_rss_mb=poller.peak_root / 2**20,
-                    log_path=log_path, samples=poller.samples)
+    return ChildRun(
+        returncode=rc,
+        wall_s=time.perf_counter() - start,
+        peak_tree_rss_mb=poller.peak_total / 2**20,
+        peak_single_rss_mb=poller.peak_single / 2**20,
+        peak_root_rss_mb=poller.peak_root / 2**20,
+        log_path=log_path,
+        samples=poller.samples,
+    )
 
 
 def tail(path: Path, n: int = 30) -> str:
@@ -311,10 +335,10 @@ def fmt(x, digits: int = 3) -> str:
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:
     cells = [[str(h) for h in header]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in cells[1:]]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
+    lines += [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells[1:]
+    ]
     text = "\n".join(lines)
     print(text, flush=True)
     return text
@@ -364,7 +388,7 @@ PHASE_LABELS = {
 def step_phases(rec: dict) -> dict[str, float]:
     """Per-phase seconds of one metrics.jsonl record, with the remainders made explicit so the
     phases add up to the step time."""
-    t = {k[len("timing/"):-2]: float(v) for k, v in rec.items() if k.startswith("timing/") and k.endswith("_s")}
+    t = {k[len("timing/") : -2]: float(v) for k, v in rec.items() if k.startswith("timing/") and k.endswith("_s")}
     out = {p: t.get(p, 0.0) for p in ROLLOUT_PHASES}
     out["rollout_other"] = max(t.get("rollout", 0.0) - sum(out.values()), 0.0)
     for p in TRAIN_PHASES:
@@ -375,8 +399,9 @@ def step_phases(rec: dict) -> dict[str, float]:
     return out
 
 
-def train_run(name: str, config: str, overrides: list[str], *, steps: int, warmup_steps: int = 1,
-              timeout: float = 900.0) -> dict:
+def train_run(
+    name: str, config: str, overrides: list[str], *, steps: int, warmup_steps: int = 1, timeout: float = 900.0
+) -> dict:
     """Train `steps` steps in a fresh run dir (no eval, no periodic checkpoints, no HF export)
     and return the per-step phases of the steps after the warm-up plus the process's memory."""
     import shutil
@@ -397,16 +422,22 @@ def train_run(name: str, config: str, overrides: list[str], *, steps: int, warmu
     child = run_child(cmd, run_dir.with_suffix(".log"), env={"IGRPO_LOG_LEVEL": "WARNING"}, timeout=timeout)
     records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "timing/step_s" in r]
     if child.returncode != 0 or len(records) < steps:
-        raise SystemExit(f"run {name} failed (rc={child.returncode}, {len(records)} of {steps} steps); log "
-                         f"{child.log_path}:\n{tail(child.log_path)}")
+        raise SystemExit(
+            f"run {name} failed (rc={child.returncode}, {len(records)} of {steps} steps); log "
+            f"{child.log_path}:\n{tail(child.log_path)}"
+        )
     kept = [r for r in records if r["step"] > warmup_steps]
     return {
         "command": "python -m nemo_igrpo train " + " ".join([config] + overrides),
-        "wall_s": child.wall_s, "peak_tree_rss_mb": child.peak_tree_rss_mb,
-        "peak_single_rss_mb": child.peak_single_rss_mb, "peak_trainer_rss_mb": child.peak_root_rss_mb,
+        "wall_s": child.wall_s,
+        "peak_tree_rss_mb": child.peak_tree_rss_mb,
+        "peak_single_rss_mb": child.peak_single_rss_mb,
+        "peak_trainer_rss_mb": child.peak_root_rss_mb,
         "steps": [step_phases(r) for r in kept],
         "trained_samples": [float(r.get("samples/trained", 0.0)) for r in kept],
         "trained_tokens": [float(r.get("num_tokens", 0.0)) for r in kept],
         "response_length_refine": [float(r.get("response_length/refine_mean", 0.0)) for r in kept],
-        "response_length_draft": [float(r["response_length/draft_mean"]) for r in kept if "response_length/draft_mean" in r],
+        "response_length_draft": [
+            float(r["response_length/draft_mean"]) for r in kept if "response_length/draft_mean" in r
+        ],
     }

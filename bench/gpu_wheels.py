@@ -12,6 +12,7 @@ Each gNN folder holds at most GROUP_LIMIT bytes, so it is one carry (one transfe
 machine. The manifest records name, version, size and sha256 of every whole file and of every
 part, and which group holds each part.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,9 @@ def pack_groups(items: list[tuple[str, int]], limit: int = GROUP_LIMIT) -> list[
     return [keys for _, keys in groups]
 
 
-def build_folder(entries: list[FileEntry], out: Path, part_size: int = PART_SIZE,
-                 group_limit: int = GROUP_LIMIT) -> dict:
+def build_folder(
+    entries: list[FileEntry], out: Path, part_size: int = PART_SIZE, group_limit: int = GROUP_LIMIT
+) -> dict:
     """Write the folder (groups of whole files and parts) from entries whose `source` is set and
     return the manifest."""
     staging = out / ".staging"
@@ -106,9 +108,17 @@ def build_folder(entries: list[FileEntry], out: Path, part_size: int = PART_SIZE
         else:
             parts = [staging / e.file]
             shutil.copyfile(e.source, parts[0])
-        files.append({"file": e.file, "name": e.name, "version": e.version, "install": e.install, "size": size,
-                      "sha256": sha256_file(e.source),
-                      "parts": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in parts]})
+        files.append(
+            {
+                "file": e.file,
+                "name": e.name,
+                "version": e.version,
+                "install": e.install,
+                "size": size,
+                "sha256": sha256_file(e.source),
+                "parts": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)} for p in parts],
+            }
+        )
         pieces += [(p.name, p.stat().st_size) for p in parts]
     groups = pack_groups(pieces, group_limit)
     where = {}
@@ -130,8 +140,14 @@ def build_folder(entries: list[FileEntry], out: Path, part_size: int = PART_SIZE
         "part_size": part_size,
         "group_limit": group_limit,
         "files": files,
-        "groups": [{"name": f"g{gi:02d}", "size": sum(dict(pieces)[k] for k in keys),
-                    "paths": sorted(f"g{gi:02d}/{k}" for k in keys)} for gi, keys in enumerate(groups, start=1)],
+        "groups": [
+            {
+                "name": f"g{gi:02d}",
+                "size": sum(dict(pieces)[k] for k in keys),
+                "paths": sorted(f"g{gi:02d}/{k}" for k in keys),
+            }
+            for gi, keys in enumerate(groups, start=1)
+        ],
     }
     return manifest
 
@@ -145,7 +161,7 @@ def carry_of(manifest: dict, part_path: str, folder_rel: str = ".gpu-wheels") ->
     group = part_path.split("/", 1)[0]
     names = [g["name"] for g in manifest["groups"]]
     i = names.index(group) + 1 if group in names else 0
-    return f"carry {i} of {len(names)} (carry=[\"{folder_rel}/{group}\"])"
+    return f'carry {i} of {len(names)} (carry=["{folder_rel}/{group}"])'
 
 
 def check_folder(manifest: dict, folder: Path, folder_rel: str = ".gpu-wheels", hashes: bool = True) -> list[str]:
@@ -157,13 +173,19 @@ def check_folder(manifest: dict, folder: Path, folder_rel: str = ".gpu-wheels", 
         for part in f["parts"]:
             p = folder / part["path"]
             if not p.is_file():
-                problems.append(f"missing {folder_rel}/{part['path']} (part of {f['file']}): {carry_of(manifest, part['path'], folder_rel)} brings it")
+                problems.append(
+                    f"missing {folder_rel}/{part['path']} (part of {f['file']}): {carry_of(manifest, part['path'], folder_rel)} brings it"
+                )
             elif p.stat().st_size != part["size"]:
-                problems.append(f"wrong size {folder_rel}/{part['path']}: {p.stat().st_size} bytes, manifest says "
-                                f"{part['size']}; redo {carry_of(manifest, part['path'], folder_rel)}")
+                problems.append(
+                    f"wrong size {folder_rel}/{part['path']}: {p.stat().st_size} bytes, manifest says "
+                    f"{part['size']}; redo {carry_of(manifest, part['path'], folder_rel)}"
+                )
             elif hashes and sha256_file(p) != part["sha256"]:
-                problems.append(f"corrupt {folder_rel}/{part['path']}: sha256 differs from the manifest; redo "
-                                f"{carry_of(manifest, part['path'], folder_rel)}")
+                problems.append(
+                    f"corrupt {folder_rel}/{part['path']}: sha256 differs from the manifest; redo "
+                    f"{carry_of(manifest, part['path'], folder_rel)}"
+                )
     return problems
 
 
@@ -193,8 +215,10 @@ def join_files(manifest: dict, folder: Path) -> dict[str, Path]:
         got = sha256_file(tmp)
         if got != f["sha256"]:
             tmp.unlink()
-            raise WheelFolderError(f"{f['file']}: joined sha256 {got[:12]}... differs from the manifest's "
-                                   f"{f['sha256'][:12]}...; its parts: {[p['path'] for p in f['parts']]}")
+            raise WheelFolderError(
+                f"{f['file']}: joined sha256 {got[:12]}... differs from the manifest's "
+                f"{f['sha256'][:12]}...; its parts: {[p['path'] for p in f['parts']]}"
+            )
         tmp.rename(dst)
         out[f["file"]] = dst
     return out

@@ -27,6 +27,7 @@ step by step on the same prompts:
 On a GPU machine pass --model <HF dir of a >= 0.5B model> and the GPU config overrides
 (e.g. --config conf/base.yaml --set policy.precision=bf16 ...); see bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-ROLLOUT_PHASES, TRAIN_PHASES, PHASE_LABELS, step_phases = C.ROLLOUT_PHASES, C.TRAIN_PHASES, C.PHASE_LABELS, C.step_phases
+ROLLOUT_PHASES, TRAIN_PHASES, PHASE_LABELS, step_phases = (
+    C.ROLLOUT_PHASES,
+    C.TRAIN_PHASES,
+    C.PHASE_LABELS,
+    C.step_phases,
+)
 
 
 def build_arms(args) -> dict[str, list[str]]:
@@ -64,7 +70,9 @@ def rollout_only(args, model_dir: Path, train_path: Path) -> dict:
     from nemo_igrpo.generation.factory import build_generation_backend
     from nemo_igrpo.rewards.manager import RewardManager
 
-    cfg = load_config(args.config, common_overrides(args, model_dir, train_path) + ["data.eval_path=null"] + list(args.set))
+    cfg = load_config(
+        args.config, common_overrides(args, model_dir, train_path) + ["data.eval_path=null"] + list(args.set)
+    )
     budget = args.drafts + args.refinements
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     problems = load_problems(train_path, cfg.data.prompt_key, cfg.data.answer_key)
@@ -76,57 +84,97 @@ def rollout_only(args, model_dir: Path, train_path: Path) -> dict:
         "igrpo_pipelined": (igrpo, True),
         "grpo": (replace(cfg.algorithm, num_drafts=0, num_refinements=budget), None),  # None: the default
     }
-    rollouts = {name: IGRPORollout(algo, cfg.generation, backend, rewards, tokenizer, cfg.seed,
-                                   apply_chat_template=cfg.data.apply_chat_template, pipeline_refinements=flag)
-                for name, (algo, flag) in arms.items()}
+    rollouts = {
+        name: IGRPORollout(
+            algo,
+            cfg.generation,
+            backend,
+            rewards,
+            tokenizer,
+            cfg.seed,
+            apply_chat_template=cfg.data.apply_chat_template,
+            pipeline_refinements=flag,
+        )
+        for name, (algo, flag) in arms.items()
+    }
     per_arm: dict[str, list[dict]] = {name: [] for name in arms}
     names = list(arms)
     try:
         for step in range(args.steps):
-            batch = problems[step * args.prompts: (step + 1) * args.prompts]
+            batch = problems[step * args.prompts : (step + 1) * args.prompts]
             # Rotate the order every step so no arm always runs first (warm caches, load drifts).
-            for name in names[step % 3:] + names[: step % 3]:
+            for name in names[step % 3 :] + names[: step % 3]:
                 started = time.perf_counter()
                 out = rollouts[name].run(batch, step)
                 wall = time.perf_counter() - started
                 m = out.metrics
-                rec = {"step": step, "rollout_s": wall, "generation_s": m["timing/generation_s"],
-                       "draft_generation_s": m["timing/draft_generation_s"],
-                       "refine_generation_s": m["timing/refine_generation_s"],
-                       "draft_length_mean": m.get("response_length/draft_mean", 0.0),
-                       "refine_length_mean": m["response_length/refine_mean"],
-                       "refine_length_max": m["response_length/refine_max"],
-                       "samples": len(out.samples)}
+                rec = {
+                    "step": step,
+                    "rollout_s": wall,
+                    "generation_s": m["timing/generation_s"],
+                    "draft_generation_s": m["timing/draft_generation_s"],
+                    "refine_generation_s": m["timing/refine_generation_s"],
+                    "draft_length_mean": m.get("response_length/draft_mean", 0.0),
+                    "refine_length_mean": m["response_length/refine_mean"],
+                    "refine_length_max": m["response_length/refine_max"],
+                    "samples": len(out.samples),
+                }
                 if step >= args.warmup_steps:
                     per_arm[name].append(rec)
-                print(f"  step {step} {name:16s} generation {rec['generation_s']:6.2f} s (drafts {rec['draft_generation_s']:6.2f}, "
-                      f"after {rec['refine_generation_s']:6.2f}), rollout {wall:6.2f} s, mean lengths draft "
-                      f"{rec['draft_length_mean']:.0f} refine {rec['refine_length_mean']:.0f}", flush=True)
+                print(
+                    f"  step {step} {name:16s} generation {rec['generation_s']:6.2f} s (drafts {rec['draft_generation_s']:6.2f}, "
+                    f"after {rec['refine_generation_s']:6.2f}), rollout {wall:6.2f} s, mean lengths draft "
+                    f"{rec['draft_length_mean']:.0f} refine {rec['refine_length_mean']:.0f}",
+                    flush=True,
+                )
     finally:
         rewards.close()
         backend.close()
-    summary = {name: {k: C.median([r[k] for r in recs]) for k in recs[0] if k != "step"} for name, recs in per_arm.items()}
+    summary = {
+        name: {k: C.median([r[k] for r in recs]) for k in recs[0] if k != "step"} for name, recs in per_arm.items()
+    }
+
     # Step-by-step ratios on the same prompts: the spread says how stable the medians are.
     def per_step(a: str, b: str, key: str = "generation_s") -> list[float]:
         return [x[key] / y[key] for x, y in zip(per_arm[a], per_arm[b])]
+
     ratios = {
-        "pipelined_over_barrier_generation": summary["igrpo_pipelined"]["generation_s"] / summary["igrpo_barrier"]["generation_s"],
-        "igrpo_pipelined_over_grpo_generation": summary["igrpo_pipelined"]["generation_s"] / summary["grpo"]["generation_s"],
-        "igrpo_barrier_over_grpo_generation": summary["igrpo_barrier"]["generation_s"] / summary["grpo"]["generation_s"],
+        "pipelined_over_barrier_generation": summary["igrpo_pipelined"]["generation_s"]
+        / summary["igrpo_barrier"]["generation_s"],
+        "igrpo_pipelined_over_grpo_generation": summary["igrpo_pipelined"]["generation_s"]
+        / summary["grpo"]["generation_s"],
+        "igrpo_barrier_over_grpo_generation": summary["igrpo_barrier"]["generation_s"]
+        / summary["grpo"]["generation_s"],
         "igrpo_pipelined_over_grpo_rollout": summary["igrpo_pipelined"]["rollout_s"] / summary["grpo"]["rollout_s"],
         "per_step_pipelined_over_barrier": per_step("igrpo_pipelined", "igrpo_barrier"),
         "per_step_pipelined_over_grpo": per_step("igrpo_pipelined", "grpo"),
     }
     print()
-    C.print_table(f"Generation only, {args.prompts} prompts/step, iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget} "
-                  f"(medians over {len(per_arm['grpo'])} steps)",
-                  ["arm", "generation (s)", "drafts part (s)", "after drafts (s)", "rollout (s)", "draft len", "refine len"],
-                  [[name, v["generation_s"], v["draft_generation_s"], v["refine_generation_s"], v["rollout_s"],
-                    v["draft_length_mean"], v["refine_length_mean"]] for name, v in summary.items()])
-    print(f"\npipelined / barrier generation: {ratios['pipelined_over_barrier_generation']:.3f} "
-          f"(per step {', '.join(f'{r:.2f}' for r in ratios['per_step_pipelined_over_barrier'])})")
-    print(f"iGRPO / GRPO generation: pipelined {ratios['igrpo_pipelined_over_grpo_generation']:.3f}, "
-          f"barrier {ratios['igrpo_barrier_over_grpo_generation']:.3f}")
+    C.print_table(
+        f"Generation only, {args.prompts} prompts/step, iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget} "
+        f"(medians over {len(per_arm['grpo'])} steps)",
+        ["arm", "generation (s)", "drafts part (s)", "after drafts (s)", "rollout (s)", "draft len", "refine len"],
+        [
+            [
+                name,
+                v["generation_s"],
+                v["draft_generation_s"],
+                v["refine_generation_s"],
+                v["rollout_s"],
+                v["draft_length_mean"],
+                v["refine_length_mean"],
+            ]
+            for name, v in summary.items()
+        ],
+    )
+    print(
+        f"\npipelined / barrier generation: {ratios['pipelined_over_barrier_generation']:.3f} "
+        f"(per step {', '.join(f'{r:.2f}' for r in ratios['per_step_pipelined_over_barrier'])})"
+    )
+    print(
+        f"iGRPO / GRPO generation: pipelined {ratios['igrpo_pipelined_over_grpo_generation']:.3f}, "
+        f"barrier {ratios['igrpo_barrier_over_grpo_generation']:.3f}"
+    )
     return {"summary": summary, "ratios": ratios, "steps": per_arm}
 
 
@@ -148,10 +196,19 @@ def common_overrides(args, model_dir: Path, train_path: Path) -> list[str]:
 def run_once(args, arm: str, arm_overrides: list[str], index: int, model_dir: Path, train_path: Path) -> dict:
     overrides = common_overrides(args, model_dir, train_path) + arm_overrides + list(args.set)
     started = time.strftime("%H:%M:%S")
-    run = C.train_run(f"igrpo_vs_grpo/{arm}-{index}", args.config, overrides, steps=args.steps,
-                      warmup_steps=args.warmup_steps, timeout=args.timeout)
-    print(f"  [{started}] {arm:5s} run {index}: {len(run['steps'])} steps, median step {C.median([s['step'] for s in run['steps']]):.2f} s, "
-          f"peak tree RSS {run['peak_tree_rss_mb']:,.0f} MB, process wall {run['wall_s']:.0f} s", flush=True)
+    run = C.train_run(
+        f"igrpo_vs_grpo/{arm}-{index}",
+        args.config,
+        overrides,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        timeout=args.timeout,
+    )
+    print(
+        f"  [{started}] {arm:5s} run {index}: {len(run['steps'])} steps, median step {C.median([s['step'] for s in run['steps']]):.2f} s, "
+        f"peak tree RSS {run['peak_tree_rss_mb']:,.0f} MB, process wall {run['wall_s']:.0f} s",
+        flush=True,
+    )
     return {"arm": arm, "index": index, **run}
 
 
@@ -193,11 +250,19 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra override for both arms (repeatable)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", help="JSON path (default bench/results/igrpo_vs_grpo.json)")
-    p.add_argument("--stop-chars", default="", help="characters that end a response (long, variable lengths; see above)")
-    p.add_argument("--rollout-only", action="store_true",
-                   help="generation only, in process: iGRPO with and without the barrier, and GRPO")
-    p.add_argument("--barrier-arm", action="store_true",
-                   help="also train iGRPO with algorithm.pipeline_refinements=false (needs that config key)")
+    p.add_argument(
+        "--stop-chars", default="", help="characters that end a response (long, variable lengths; see above)"
+    )
+    p.add_argument(
+        "--rollout-only",
+        action="store_true",
+        help="generation only, in process: iGRPO with and without the barrier, and GRPO",
+    )
+    p.add_argument(
+        "--barrier-arm",
+        action="store_true",
+        help="also train iGRPO with algorithm.pipeline_refinements=false (needs that config key)",
+    )
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
         p.error("--steps must exceed --warmup-steps")
@@ -206,21 +271,32 @@ def main(argv=None) -> int:
     model_dir = Path(args.model) if args.model else C.tiny_model()
     train_path, _ = C.demo_data(args.seed)
     if args.rollout_only:
-        print(f"generation only: iGRPO {args.drafts}+{args.refinements} (barrier, pipelined) vs GRPO, {args.steps} steps "
-              f"(first {args.warmup_steps} dropped), {args.prompts} prompts/step, model {model_dir}", flush=True)
+        print(
+            f"generation only: iGRPO {args.drafts}+{args.refinements} (barrier, pipelined) vs GRPO, {args.steps} steps "
+            f"(first {args.warmup_steps} dropped), {args.prompts} prompts/step, model {model_dir}",
+            flush=True,
+        )
         result = rollout_only(args, model_dir, train_path)
-        C.write_json("igrpo_vs_grpo_rollout" if not args.out else "", {
-            "benchmark": "igrpo_vs_grpo --rollout-only",
-            "command": "python bench/igrpo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine, "load_at_end": C.other_load(),
-            "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"model": str(model_dir)},
-            **result,
-        }, out=args.out)
+        C.write_json(
+            "igrpo_vs_grpo_rollout" if not args.out else "",
+            {
+                "benchmark": "igrpo_vs_grpo --rollout-only",
+                "command": "python bench/igrpo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "machine": machine,
+                "load_at_end": C.other_load(),
+                "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"model": str(model_dir)},
+                **result,
+            },
+            out=args.out,
+        )
         return 0
     arms = build_arms(args)
     budget = args.drafts + args.refinements
-    print(f"iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget}: {args.pairs} pairs x {args.steps} steps "
-          f"(first {args.warmup_steps} dropped), {args.prompts} prompts/step, model {model_dir}", flush=True)
+    print(
+        f"iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget}: {args.pairs} pairs x {args.steps} steps "
+        f"(first {args.warmup_steps} dropped), {args.prompts} prompts/step, model {model_dir}",
+        flush=True,
+    )
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for i in range(args.pairs):
         # Alternate which arm goes first in a pair, so neither always runs on a "cold" machine.
@@ -243,22 +319,45 @@ def main(argv=None) -> int:
     }
 
     print()
-    C.print_table(f"iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget} (medians; ratio = iGRPO/GRPO)",
-                  ["metric", "iGRPO", "GRPO", "ratio"], [
-                      ["step time (s)", a["step_s"], b["step_s"], ratios["step_time"]],
-                      ["prompts/s", a["prompts_per_s"], b["prompts_per_s"], ratios["prompts_per_s"]],
-                      ["generated samples/s", a["generated_samples_per_s"], b["generated_samples_per_s"],
-                       a["generated_samples_per_s"] / b["generated_samples_per_s"]],
-                      ["trained samples/step", a["trained_samples_per_step"], b["trained_samples_per_step"],
-                       a["trained_samples_per_step"] / b["trained_samples_per_step"]],
-                      ["trained tokens/step", a["trained_tokens_per_step"], b["trained_tokens_per_step"],
-                       a["trained_tokens_per_step"] / max(b["trained_tokens_per_step"], 1e-9)],
-                      ["peak RSS, process tree (MB)", a["peak_tree_rss_mb"], b["peak_tree_rss_mb"], ratios["peak_tree_rss"]],
-                      ["peak RSS, largest process (MB)", a["peak_single_rss_mb"], b["peak_single_rss_mb"],
-                       ratios["peak_single_rss"]],
-                      ["peak RSS, trainer process (MB)", a["peak_trainer_rss_mb"], b["peak_trainer_rss_mb"],
-                       a["peak_trainer_rss_mb"] / b["peak_trainer_rss_mb"]],
-                  ])
+    C.print_table(
+        f"iGRPO {args.drafts}+{args.refinements} vs GRPO 0+{budget} (medians; ratio = iGRPO/GRPO)",
+        ["metric", "iGRPO", "GRPO", "ratio"],
+        [
+            ["step time (s)", a["step_s"], b["step_s"], ratios["step_time"]],
+            ["prompts/s", a["prompts_per_s"], b["prompts_per_s"], ratios["prompts_per_s"]],
+            [
+                "generated samples/s",
+                a["generated_samples_per_s"],
+                b["generated_samples_per_s"],
+                a["generated_samples_per_s"] / b["generated_samples_per_s"],
+            ],
+            [
+                "trained samples/step",
+                a["trained_samples_per_step"],
+                b["trained_samples_per_step"],
+                a["trained_samples_per_step"] / b["trained_samples_per_step"],
+            ],
+            [
+                "trained tokens/step",
+                a["trained_tokens_per_step"],
+                b["trained_tokens_per_step"],
+                a["trained_tokens_per_step"] / max(b["trained_tokens_per_step"], 1e-9),
+            ],
+            ["peak RSS, process tree (MB)", a["peak_tree_rss_mb"], b["peak_tree_rss_mb"], ratios["peak_tree_rss"]],
+            [
+                "peak RSS, largest process (MB)",
+                a["peak_single_rss_mb"],
+                b["peak_single_rss_mb"],
+                ratios["peak_single_rss"],
+            ],
+            [
+                "peak RSS, trainer process (MB)",
+                a["peak_trainer_rss_mb"],
+                b["peak_trainer_rss_mb"],
+                a["peak_trainer_rss_mb"] / b["peak_trainer_rss_mb"],
+            ],
+        ],
+    )
     print()
     rows = []
     for ph, label in PHASE_LABELS.items():
@@ -270,17 +369,21 @@ def main(argv=None) -> int:
     C.print_table("Per-phase median seconds per step", ["phase", "iGRPO", "GRPO", "iGRPO-GRPO"], rows)
     print(f"\nstep-time ratio per pair: {', '.join(f'{r:.3f}' for r in ratios['step_time_per_pair'])}")
 
-    C.write_json("igrpo_vs_grpo" if not args.out else "", {
-        "benchmark": "igrpo_vs_grpo",
-        "command": "python bench/igrpo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine,
-        "load_at_end": C.other_load(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"model": str(model_dir),
-                                                                           "model_params": C.param_count(model_dir)},
-        "summary": summary,
-        "ratios": ratios,
-        "runs": runs,
-    }, out=args.out)
+    C.write_json(
+        "igrpo_vs_grpo" if not args.out else "",
+        {
+            "benchmark": "igrpo_vs_grpo",
+            "command": "python bench/igrpo_vs_grpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine,
+            "load_at_end": C.other_load(),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}
+            | {"model": str(model_dir), "model_params": C.param_count(model_dir)},
+            "summary": summary,
+            "ratios": ratios,
+            "runs": runs,
+        },
+        out=args.out,
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ axis measures what it says.
     python bench/scaling.py --axes length --steps 4      # one axis
     python bench/scaling.py --groups 2+2,4+4,8+8,16+16   # other points
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,11 @@ def main(argv=None) -> int:
     machine = C.machine_info()
     train_path, _ = C.demo_data(args.seed)
     base = {"group": args.base_group, "length": args.base_length, "model": args.base_model}
-    points = {"group": args.groups.split(","), "length": [int(x) for x in args.lengths.split(",")],
-              "model": args.models.split(",")}
+    points = {
+        "group": args.groups.split(","),
+        "length": [int(x) for x in args.lengths.split(",")],
+        "model": args.models.split(","),
+    }
     cache: dict[tuple, dict] = {}  # (group, length, model) -> run; the baseline is run once
 
     def measure(group: str, length: int, model: str) -> dict:
@@ -77,17 +81,27 @@ def main(argv=None) -> int:
         n, g = parse_group(group)
         h, l, a, kv, f = MODELS[model]
         model_dir = C.tiny_model(hidden=h, layers=l, heads=a, kv_heads=kv, ffn=f)
-        overrides = [f"seed={args.seed}", f"policy.model.hf_path={model_dir}", f"data.train_path={train_path}",
-                     f"data.prompts_per_step={args.prompts}", f"algorithm.num_drafts={n}",
-                     f"algorithm.num_refinements={g}", f"generation.max_new_tokens={length}"]
+        overrides = [
+            f"seed={args.seed}",
+            f"policy.model.hf_path={model_dir}",
+            f"data.train_path={train_path}",
+            f"data.prompts_per_step={args.prompts}",
+            f"algorithm.num_drafts={n}",
+            f"algorithm.num_refinements={g}",
+            f"generation.max_new_tokens={length}",
+        ]
         started = time.strftime("%H:%M:%S")
-        run = C.train_run(f"scaling/g{n}+{g}-len{length}-{model}", args.config, overrides, steps=args.steps,
-                          timeout=args.timeout)
+        run = C.train_run(
+            f"scaling/g{n}+{g}-len{length}-{model}", args.config, overrides, steps=args.steps, timeout=args.timeout
+        )
         run["step_s"] = C.median([s["step"] for s in run["steps"]])
         run["params"] = C.param_count(model_dir)
         run["point"] = {"group": group, "length": length, "model": model}
-        print(f"  [{started}] group {group}, {length} tokens, model {model}: step {run['step_s']:.2f} s, "
-              f"peak RSS {run['peak_tree_rss_mb']:,.0f} MB", flush=True)
+        print(
+            f"  [{started}] group {group}, {length} tokens, model {model}: step {run['step_s']:.2f} s, "
+            f"peak RSS {run['peak_tree_rss_mb']:,.0f} MB",
+            flush=True,
+        )
         cache[key] = run
         return run
 
@@ -110,24 +124,51 @@ def main(argv=None) -> int:
             ph = r["steps"]
             gen = C.median([s["draft_generation"] + s["refine_generation"] for s in ph])
             train = C.median([s["logprobs"] + s["update"] for s in ph])
-            table_rows.append([value if axis != "model" else f"{value} ({r['params'] / 1e6:.2f}M)", r["step_s"],
-                               r["step_s"] / base_run["step_s"], gen, train, C.median([s["weight_sync"] for s in ph]),
-                               r["peak_tree_rss_mb"], r["peak_tree_rss_mb"] / base_run["peak_tree_rss_mb"]])
-        C.print_table(f"Scaling with {label} (others at baseline {base['group']}, {base['length']} tokens, {base['model']}; "
-                      f"{args.prompts} prompts/step)",
-                      [label, "step (s)", "x base", "generation (s)", "logprobs+update (s)", "weight sync (s)",
-                       "peak RSS (MB)", "x base"], table_rows)
+            table_rows.append(
+                [
+                    value if axis != "model" else f"{value} ({r['params'] / 1e6:.2f}M)",
+                    r["step_s"],
+                    r["step_s"] / base_run["step_s"],
+                    gen,
+                    train,
+                    C.median([s["weight_sync"] for s in ph]),
+                    r["peak_tree_rss_mb"],
+                    r["peak_tree_rss_mb"] / base_run["peak_tree_rss_mb"],
+                ]
+            )
+        C.print_table(
+            f"Scaling with {label} (others at baseline {base['group']}, {base['length']} tokens, {base['model']}; "
+            f"{args.prompts} prompts/step)",
+            [
+                label,
+                "step (s)",
+                "x base",
+                "generation (s)",
+                "logprobs+update (s)",
+                "weight sync (s)",
+                "peak RSS (MB)",
+                "x base",
+            ],
+            table_rows,
+        )
         print()
-        summary[axis] = [{"value": v, "step_s": r["step_s"], "peak_tree_rss_mb": r["peak_tree_rss_mb"],
-                          "params": r["params"]} for v, r in rows]
-    C.write_json("scaling", {
-        "benchmark": "scaling",
-        "command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine, "load_at_end": C.other_load(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "summary": summary,
-        "runs": list(cache.values()),
-    }, out=args.out)
+        summary[axis] = [
+            {"value": v, "step_s": r["step_s"], "peak_tree_rss_mb": r["peak_tree_rss_mb"], "params": r["params"]}
+            for v, r in rows
+        ]
+    C.write_json(
+        "scaling",
+        {
+            "benchmark": "scaling",
+            "command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine,
+            "load_at_end": C.other_load(),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "summary": summary,
+            "runs": list(cache.values()),
+        },
+        out=args.out,
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ whose METADATA it has stored, keyed by the sha256 that the real index publishes 
 file (containers/gpu-metadata-cache.json). A file the cache does not know (a new upstream
 release) is downloaded from the real index as usual and reported; --refresh-cache stores it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,8 +118,12 @@ def usable_wheel(filename: str) -> bool:
     py, abi, plat = parts[-3].split("."), parts[-2].split("."), parts[-1].split(".")
     plat_ok = any(p == "any" or (p.startswith("manylinux") and p.endswith("_x86_64")) for p in plat)
     abi_ok = any(a in ("none", "abi3", "cp312") for a in abi)
-    py_ok = any(t.startswith("py3") or t == "cp312" or (t.startswith("cp3") and "abi3" in abi and t[3:].isdigit()
-                                                         and int(t[3:]) <= 12) for t in py)
+    py_ok = any(
+        t.startswith("py3")
+        or t == "cp312"
+        or (t.startswith("cp3") and "abi3" in abi and t[3:].isdigit() and int(t[3:]) <= 12)
+        for t in py
+    )
     return plat_ok and abi_ok and py_ok
 
 
@@ -240,14 +245,35 @@ def resolver_pip() -> Path:
     d = REPO / ".cache" / "resolve-pip"
     whl = d / f"pip-{RESOLVER_PIP}-py3-none-any.whl"
     if not whl.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", str(d), f"pip=={RESOLVER_PIP}"], check=True, env=pip_env(), timeout=120)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(d),
+                f"pip=={RESOLVER_PIP}",
+            ],
+            check=True,
+            env=pip_env(),
+            timeout=120,
+        )
     return whl
 
 
 def platform_args() -> list[str]:
-    return ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-            *[a for p in PLATFORMS for a in ("--platform", p)]]
+    return [
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *[a for p in PLATFORMS for a in ("--platform", p)],
+    ]
 
 
 def metadata_headers(wheel: Path) -> str:
@@ -265,9 +291,26 @@ def refresh_cache(req: Path = REQ, cache_path: Path = CACHE) -> dict[str, str]:
     METADATA of every wheel under the sha256 of the file."""
     cache = load_cache(cache_path)
     with tempfile.TemporaryDirectory() as tmp, Shim(cache) as shim:
-        subprocess.run([sys.executable, str(resolver_pip() / "pip"), "download", "--no-cache-dir", "-q",
-                        "--index-url", shim.url + "/simple/", "--trusted-host", "127.0.0.1", *platform_args(),
-                        "-d", tmp, "-r", str(req)], check=True, env=pip_env())
+        subprocess.run(
+            [
+                sys.executable,
+                str(resolver_pip() / "pip"),
+                "download",
+                "--no-cache-dir",
+                "-q",
+                "--index-url",
+                shim.url + "/simple/",
+                "--trusted-host",
+                "127.0.0.1",
+                *platform_args(),
+                "-d",
+                tmp,
+                "-r",
+                str(req),
+            ],
+            check=True,
+            env=pip_env(),
+        )
         for f in Path(tmp).glob("*.whl"):
             h = hashlib.sha256()
             with open(f, "rb") as fh:
@@ -299,14 +342,36 @@ def resolve(req: Path = REQ, report: Optional[Path] = None, cache_path: Path = C
     pip_whl = resolver_pip()
     with tempfile.TemporaryDirectory() as tmp, Shim(load_cache(cache_path)) as shim:
         report_path = Path(report) if report else Path(tmp) / "report.json"
-        cmd = [sys.executable, str(pip_whl / "pip"), "install", "--dry-run", "--ignore-installed", "--no-cache-dir",
-               "--index-url", shim.url + "/simple/", "--trusted-host", "127.0.0.1", *platform_args(),
-               "--target", str(Path(tmp) / "target"), "--report", str(report_path), "-r", str(req)]
+        cmd = [
+            sys.executable,
+            str(pip_whl / "pip"),
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-cache-dir",
+            "--index-url",
+            shim.url + "/simple/",
+            "--trusted-host",
+            "127.0.0.1",
+            *platform_args(),
+            "--target",
+            str(Path(tmp) / "target"),
+            "--report",
+            str(report_path),
+            "-r",
+            str(req),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=pip_env(), timeout=600)
         parsed = json.loads(report_path.read_text()) if proc.returncode == 0 and report_path.exists() else None
-        return {"returncode": proc.returncode, "stderr": proc.stderr, "seconds": time.monotonic() - t0,
-                "report": parsed, "downloaded": sorted({n for _, n in shim.downloads}), "pages": shim.pages,
-                "downloaded_urls": {sha: shim.origin[sha] for sha, _ in shim.downloads if sha in shim.origin}}
+        return {
+            "returncode": proc.returncode,
+            "stderr": proc.stderr,
+            "seconds": time.monotonic() - t0,
+            "report": parsed,
+            "downloaded": sorted({n for _, n in shim.downloads}),
+            "pages": shim.pages,
+            "downloaded_urls": {sha: shim.origin[sha] for sha, _ in shim.downloads if sha in shim.origin},
+        }
 
 
 def main(argv=None) -> int:
@@ -324,14 +389,21 @@ def main(argv=None) -> int:
     r = resolve(report=Path(args.report) if args.report else None)
     if r["returncode"] != 0:
         print(r["stderr"][-4000:], file=sys.stderr)
-        print(f"resolve_gpu_stack: pip could not resolve {REQ.relative_to(REPO)} (exit {r['returncode']})", file=sys.stderr)
+        print(
+            f"resolve_gpu_stack: pip could not resolve {REQ.relative_to(REPO)} (exit {r['returncode']})",
+            file=sys.stderr,
+        )
         return 1
     got = {i["metadata"]["name"]: i["metadata"]["version"] for i in r["report"]["install"]}
-    print(f"resolve_gpu_stack: {len(got)} packages in {r['seconds']:.1f} s ({r['pages']} index pages); "
-          f"torch {got.get('torch')}, vllm {got.get('vllm')}, transformers {got.get('transformers')}")
+    print(
+        f"resolve_gpu_stack: {len(got)} packages in {r['seconds']:.1f} s ({r['pages']} index pages); "
+        f"torch {got.get('torch')}, vllm {got.get('vllm')}, transformers {got.get('transformers')}"
+    )
     if r["downloaded"]:
-        print(f"resolve_gpu_stack: metadata not cached, wheels downloaded: {', '.join(r['downloaded'])} "
-              f"(store them with --refresh-cache)")
+        print(
+            f"resolve_gpu_stack: metadata not cached, wheels downloaded: {', '.join(r['downloaded'])} "
+            f"(store them with --refresh-cache)"
+        )
     return 0
 
 

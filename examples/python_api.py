@@ -13,6 +13,7 @@ Everything goes under runs/api_example/ in the working directory. The same steps
     igrpo train conf/base.yaml policy.model.hf_path=MODEL_DIR data.train_path=... algorithm.policy_loss=...
     igrpo eval conf/base.yaml --checkpoint runs/api_example/run --suite SUITE.yaml --data-dir runs/api_example/benchmarks
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,20 +31,24 @@ def main(model_dir: str, gsm8k_source: str, extra: list[str]) -> None:
     print(prepared.summary())
 
     # 2. A config: the base file plus overrides, as lists of key=value or as a mapping.
-    cfg = api.load_config(BASE_CONFIG, [f"policy.model.hf_path={model_dir}",
-                                             f"data.train_path={prepared.output}",
-                                             f"run.dir={work / 'run'}", *extra])
-    cfg = api.override(cfg, {
-        "trainer.max_steps": 2,
-        "data.prompts_per_step": 2,
-        "generation.backend": "megatron",     # the cheapest generator on CPU
-        "generation.max_new_tokens": 64,
-        # Plug-ins by import path (examples/plugins must be on PYTHONPATH): checked right here,
-        # at override time, like every other key.
-        "algorithm.policy_loss": "my_igrpo_plugins.losses:unclipped_pg",
-        "algorithm.advantage": "my_igrpo_plugins.advantages:rank_advantage",
-        "algorithm.loss_aggregation": "my_igrpo_plugins.losses:seq_mean_token_sqrt",
-    })
+    cfg = api.load_config(
+        BASE_CONFIG,
+        [f"policy.model.hf_path={model_dir}", f"data.train_path={prepared.output}", f"run.dir={work / 'run'}", *extra],
+    )
+    cfg = api.override(
+        cfg,
+        {
+            "trainer.max_steps": 2,
+            "data.prompts_per_step": 2,
+            "generation.backend": "megatron",  # the cheapest generator on CPU
+            "generation.max_new_tokens": 64,
+            # Plug-ins by import path (examples/plugins must be on PYTHONPATH): checked right here,
+            # at override time, like every other key.
+            "algorithm.policy_loss": "my_igrpo_plugins.losses:unclipped_pg",
+            "algorithm.advantage": "my_igrpo_plugins.advantages:rank_advantage",
+            "algorithm.loss_aggregation": "my_igrpo_plugins.losses:seq_mean_token_sqrt",
+        },
+    )
     print(api.to_yaml(cfg))
 
     # 3. Train (a rerun resumes from the run's latest checkpoint).
@@ -53,14 +58,17 @@ def main(model_dir: str, gsm8k_source: str, extra: list[str]) -> None:
     # 4. Single-shot evaluation of the trained policy on one file.
     cfg = api.override(cfg, {"eval.num_samples": 2, "eval.pass_k": [1, 2]})
     for r in api.evaluate(cfg, checkpoint=cfg.run.dir, benchmarks=[prepared.output]):
-        print(f"{r.name}: Pass@1 {100 * r.accuracy:.1f}% over {r.num_samples} samples, pass@2 {100 * r.pass_at_k[2]:.1f}%")
+        print(
+            f"{r.name}: Pass@1 {100 * r.accuracy:.1f}% over {r.num_samples} samples, pass@2 {100 * r.pass_at_k[2]:.1f}%"
+        )
 
     # 5. Before and after, side by side, on a suite of the prepared files (the paper's suite
     # is suite="paper", given every benchmark of its table in data_dir).
     suite = work / "suite.yaml"
     suite.write_text("name: gsm8k_only\nbenchmarks:\n  - {name: gsm8k, title: GSM8K, num_samples: 2}\n")
-    report = api.evaluate_suite(cfg, [model_dir, cfg.run.dir], suite=str(suite), data_dir=work / "benchmarks",
-                                labels=["before", "after"])
+    report = api.evaluate_suite(
+        cfg, [model_dir, cfg.run.dir], suite=str(suite), data_dir=work / "benchmarks", labels=["before", "after"]
+    )
     print(report.table())
 
 

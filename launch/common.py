@@ -118,7 +118,9 @@ def load_site(path: str | os.PathLike) -> SiteConfig:
     raw["env"] = {str(k): str(v) for k, v in env.items()}
     if not isinstance(raw.get("mounts", []) or [], list):
         raise LaunchError(f"{path}: 'mounts' must be a list of SRC:DST strings")
-    site = SiteConfig(**{k: v for k, v in raw.items() if v is not None or k in ("qos",)}, requeue=RequeueConfig(**requeue))
+    site = SiteConfig(
+        **{k: v for k, v in raw.items() if v is not None or k in ("qos",)}, requeue=RequeueConfig(**requeue)
+    )
     for name in ("job_dir", "runs_dir", "models_dir", "data_dir", "container_image"):
         value = getattr(site, name)
         if isinstance(value, str):
@@ -182,17 +184,27 @@ def vllm_serve_args(cfg: IGRPOConfig, gpus_per_node: int) -> list[str]:
     g, v = cfg.generation, cfg.generation.vllm
     args = [
         cfg.policy.model.hf_path or "",
-        "--host", "0.0.0.0", "--port", str(VLLM_PORT),
-        "--served-model-name", g.server.model_name or Path(cfg.policy.model.hf_path or "model").name,
-        "--tensor-parallel-size", str(v.tensor_parallel_size),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(VLLM_PORT),
+        "--served-model-name",
+        g.server.model_name or Path(cfg.policy.model.hf_path or "model").name,
+        "--tensor-parallel-size",
+        str(v.tensor_parallel_size),
         # One engine per TP group on the node; the server balances requests across them.
-        "--data-parallel-size", str(gpus_per_node // v.tensor_parallel_size),
-        "--gpu-memory-utilization", str(v.gpu_memory_utilization),
-        "--dtype", "bfloat16" if v.dtype == "auto" else v.dtype,
-        "--seed", str(cfg.seed),
+        "--data-parallel-size",
+        str(gpus_per_node // v.tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(v.gpu_memory_utilization),
+        "--dtype",
+        "bfloat16" if v.dtype == "auto" else v.dtype,
+        "--seed",
+        str(cfg.seed),
         # The trainer's importance ratio needs the log-probs the sampler actually used (see
         # generation.logprobs_mode).
-        "--logprobs-mode", g.logprobs_mode,
+        "--logprobs-mode",
+        g.logprobs_mode,
     ]
     if v.max_model_len:
         args += ["--max-model-len", str(v.max_model_len)]
@@ -213,8 +225,15 @@ def _override_given(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+") == key for o in overrides if "=" in o)
 
 
-def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: bool = False,
-               name: Optional[str] = None, code_dir: Optional[str] = None) -> JobPlan:
+def build_plan(
+    config: str,
+    overrides: list[str],
+    site: SiteConfig,
+    *,
+    requeue: bool = False,
+    name: Optional[str] = None,
+    code_dir: Optional[str] = None,
+) -> JobPlan:
     """Load and validate the run config, check its layout, and merge it with the site file.
 
     Site values (account, partition, time, container, mounts) come from the site file, then from
@@ -244,18 +263,24 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
     # the command line is refused (check_layout names the key).
     nccl_address_key = "generation.server.nccl_master_address"
     fill_nccl_address = bool(
-        c.generation_nodes and cfg.generation.backend == "vllm_server" and server.weight_sync == "nccl"
-        and is_loopback(server.nccl_master_address) and not _override_given(overrides, nccl_address_key)
+        c.generation_nodes
+        and cfg.generation.backend == "vllm_server"
+        and server.weight_sync == "nccl"
+        and is_loopback(server.nccl_master_address)
+        and not _override_given(overrides, nccl_address_key)
     )
     try:
         check_model_supported(cfg, source=str(config))
-        layout = check_layout(cfg, source=str(config), gpu_memory_gib=site.gpu_memory_gib,
-                              fills_nccl_master_address=fill_nccl_address)
+        layout = check_layout(
+            cfg, source=str(config), gpu_memory_gib=site.gpu_memory_gib, fills_nccl_master_address=fill_nccl_address
+        )
     except LayoutError as e:
         raise LaunchError(str(e)) from None
     if c.generation_nodes > 1:
-        raise LaunchError(f"{config}: 'cluster.generation_nodes': these launchers start one `vllm serve` node; "
-                          f"got {c.generation_nodes} (raise generation.vllm.tensor_parallel_size or run more servers yourself)")
+        raise LaunchError(
+            f"{config}: 'cluster.generation_nodes': these launchers start one `vllm serve` node; "
+            f"got {c.generation_nodes} (raise generation.vllm.tensor_parallel_size or run more servers yourself)"
+        )
     if c.generation_nodes and not cfg.policy.model.hf_path:
         raise LaunchError(f"{config}: 'policy.model.hf_path': a vLLM server node needs a checkpoint to serve")
     explicit = _explicit_cluster_overrides(overrides)
@@ -267,8 +292,11 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
         return site_value
 
     runtime_overrides: list[str] = []
-    if (c.generation_nodes and server.weight_sync == "reload_from_dir"
-            and not _override_given(overrides, "generation.server.weight_sync_dir")):
+    if (
+        c.generation_nodes
+        and server.weight_sync == "reload_from_dir"
+        and not _override_given(overrides, "generation.server.weight_sync_dir")
+    ):
         # The server node reads the pushed weights from the run directory on shared storage.
         overrides = [*overrides, "generation.server.weight_sync_dir=${run.dir}/weight_sync"]
     if fill_nccl_address:
@@ -279,12 +307,16 @@ def build_plan(config: str, overrides: list[str], site: SiteConfig, *, requeue: 
     env.update({k: v for k, v in job_env.items() if v})
     env.update(site.env)
     if c.generation_nodes and server.weight_sync in DEV_MODE_WEIGHT_SYNCS and env.get("VLLM_SERVER_DEV_MODE") != "1":
-        raise LaunchError(f"cluster file: 'env.VLLM_SERVER_DEV_MODE' is {env.get('VLLM_SERVER_DEV_MODE')!r}; "
-                          f"generation.server.weight_sync={server.weight_sync} needs the server's development endpoints "
-                          "(VLLM_SERVER_DEV_MODE=1)")
+        raise LaunchError(
+            f"cluster file: 'env.VLLM_SERVER_DEV_MODE' is {env.get('VLLM_SERVER_DEV_MODE')!r}; "
+            f"generation.server.weight_sync={server.weight_sync} needs the server's development endpoints "
+            "(VLLM_SERVER_DEV_MODE=1)"
+        )
     config_rel = _path_in_code_dir(config)
     code_dir = code_dir or site.code_dir
-    mounts = list(dict.fromkeys([*(pick(site.mounts, "mounts") or []), *(c.mounts if "mounts" not in explicit else [])]))
+    mounts = list(
+        dict.fromkeys([*(pick(site.mounts, "mounts") or []), *(c.mounts if "mounts" not in explicit else [])])
+    )
     return JobPlan(
         name=name or cfg.run.name,
         config_path=config_rel,
@@ -319,8 +351,10 @@ def _path_in_code_dir(config: str) -> str:
     try:
         return str(path.relative_to(REPO))
     except ValueError:
-        raise LaunchError(f"{config}: the config must live inside the repository ({REPO}) so the job can find it "
-                          "at the same relative path in the container") from None
+        raise LaunchError(
+            f"{config}: the config must live inside the repository ({REPO}) so the job can find it "
+            "at the same relative path in the container"
+        ) from None
 
 
 def node_entry_env(plan: JobPlan) -> dict[str, str]:

@@ -99,9 +99,18 @@ def uses_sequence_parallel(cfg: IGRPOConfig) -> bool:
     return cfg.policy.tensor_parallel_size > 1 and cfg.policy.model.transformer_impl != "local"
 
 
-def train_memory_terms(shape: ModelShape, tp: int, pp: int, dp: int, tokens_per_microbatch: int,
-                       recompute: Optional[str], fp8: bool, *, sequence_parallel: bool,
-                       logprob_chunk_tokens: int) -> TrainMemory:
+def train_memory_terms(
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    dp: int,
+    tokens_per_microbatch: int,
+    recompute: Optional[str],
+    fp8: bool,
+    *,
+    sequence_parallel: bool,
+    logprob_chunk_tokens: int,
+) -> TrainMemory:
     """Peak bytes per training GPU, term by term (an estimate, see docs/cluster.md).
 
     Mixed precision as the paper configs run it (bf16 weights and logits, fp32 grads and
@@ -173,21 +182,44 @@ def hybrid_layer_working_sets(shape: ModelShape, s: int, tp: int, seq_split: int
     per_token = {
         "*": 2 * (2 * q + 2 * kv),
         "-": 3 * 2 * shape.ffn_hidden_size,
-        "M": 2 * (2 * d + 2 * G * N + H) + 2 * (d + 2 * G * N) + 3 * 2 * d + 8 * H + 4 * H * p * N / chunk + 4 * G * chunk,
+        "M": 2 * (2 * d + 2 * G * N + H)
+        + 2 * (d + 2 * G * N)
+        + 3 * 2 * d
+        + 8 * H
+        + 4 * H * p * N / chunk
+        + 4 * G * chunk,
     }
     return {k: s * (5 * h / seq_split + v / tp) for k, v in per_token.items()}
 
 
-def estimate_train_memory_gib(shape: ModelShape, tp: int, pp: int, dp: int, tokens_per_microbatch: int,
-                              recompute: Optional[str], fp8: bool, *, sequence_parallel: bool,
-                              logprob_chunk_tokens: int) -> float:
+def estimate_train_memory_gib(
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    dp: int,
+    tokens_per_microbatch: int,
+    recompute: Optional[str],
+    fp8: bool,
+    *,
+    sequence_parallel: bool,
+    logprob_chunk_tokens: int,
+) -> float:
     """Estimated peak GiB per training GPU: the sum of train_memory_terms (docs/cluster.md).
 
     `sequence_parallel` and `logprob_chunk_tokens` are required so no caller can silently assume
     what the actor does not do (uses_sequence_parallel gives the actor's rule).
     """
-    return train_memory_terms(shape, tp, pp, dp, tokens_per_microbatch, recompute, fp8,
-                              sequence_parallel=sequence_parallel, logprob_chunk_tokens=logprob_chunk_tokens).total
+    return train_memory_terms(
+        shape,
+        tp,
+        pp,
+        dp,
+        tokens_per_microbatch,
+        recompute,
+        fp8,
+        sequence_parallel=sequence_parallel,
+        logprob_chunk_tokens=logprob_chunk_tokens,
+    ).total
 
 
 def vllm_sleep_residual_gib(enforce_eager: bool) -> float:
@@ -210,8 +242,9 @@ def kv_cache_tokens(shape: ModelShape, vllm_tp: int, gpu_memory_gib: float, util
     return max(0, int(budget // bytes_per_token))
 
 
-def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float = 80.0, *,
-                 fills_nccl_master_address: bool = False) -> Layout:
+def check_layout(
+    cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float = 80.0, *, fills_nccl_master_address: bool = False
+) -> Layout:
     """Raise LayoutError naming the key when the layout cannot work; return the derived layout.
 
     `fills_nccl_master_address`: the launcher passes the trainer node's address at run time
@@ -230,15 +263,23 @@ def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float
     if not 0 <= c.generation_nodes < c.nodes:
         fail("cluster.generation_nodes", f"{c.generation_nodes} leaves no training node out of cluster.nodes={c.nodes}")
     if c.generation_nodes > 0 and g.backend not in ("vllm_server", "trtllm_server"):
-        fail("generation.backend", f"cluster.generation_nodes={c.generation_nodes} needs a server backend "
-             f"(vllm_server), got '{g.backend}'")
+        fail(
+            "generation.backend",
+            f"cluster.generation_nodes={c.generation_nodes} needs a server backend (vllm_server), got '{g.backend}'",
+        )
     if c.generation_nodes == 0 and g.backend in ("vllm_server", "trtllm_server") and c.nodes > 1:
-        fail("cluster.generation_nodes", f"generation.backend={g.backend} on a {c.nodes}-node job: reserve "
-             "generation nodes (cluster.generation_nodes) or point generation.server.url at a running server")
+        fail(
+            "cluster.generation_nodes",
+            f"generation.backend={g.backend} on a {c.nodes}-node job: reserve "
+            "generation nodes (cluster.generation_nodes) or point generation.server.url at a running server",
+        )
     train_nodes = c.nodes - c.generation_nodes
     train_gpus = train_nodes * c.gpus_per_node
     if tp > c.gpus_per_node:
-        fail("policy.tensor_parallel_size", f"TP={tp} spans nodes (gpus_per_node={c.gpus_per_node}); keep TP inside NVLink")
+        fail(
+            "policy.tensor_parallel_size",
+            f"TP={tp} spans nodes (gpus_per_node={c.gpus_per_node}); keep TP inside NVLink",
+        )
     if train_gpus % (tp * pp):
         fail("cluster.nodes", f"{train_gpus} training GPUs are not a multiple of TP x PP = {tp} x {pp}")
     dp = train_gpus // (tp * pp)
@@ -254,8 +295,10 @@ def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float
         if shape.ffn_hidden_size % tp:
             fail("policy.tensor_parallel_size", f"TP={tp} does not divide the FFN size {shape.ffn_hidden_size}")
         if shape.mamba_num_heads and (shape.mamba_num_heads % tp or shape.mamba_num_groups % tp):
-            fail("policy.tensor_parallel_size", f"TP={tp} does not divide the Mamba heads/groups "
-                 f"({shape.mamba_num_heads}/{shape.mamba_num_groups})")
+            fail(
+                "policy.tensor_parallel_size",
+                f"TP={tp} does not divide the Mamba heads/groups ({shape.mamba_num_heads}/{shape.mamba_num_groups})",
+            )
         if shape.num_layers % pp:
             fail("policy.pipeline_parallel_size", f"PP={pp} does not divide {shape.num_layers} layers")
         padded = padded_vocab_size(shape.vocab_size, tp)
@@ -263,14 +306,25 @@ def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float
             fail("policy.tensor_parallel_size", f"padded vocabulary {padded} does not split over TP={tp}")
         if p.logprob_chunk_tokens < 0:
             fail("policy.logprob_chunk_tokens", f"{p.logprob_chunk_tokens}: must be >= 0 (0: the whole micro-batch)")
-        terms = train_memory_terms(shape, tp, pp, dp, p.max_tokens_per_microbatch, p.activation_recompute,
-                                   p.fp8 is not None, sequence_parallel=sequence_parallel,
-                                   logprob_chunk_tokens=p.logprob_chunk_tokens)
+        terms = train_memory_terms(
+            shape,
+            tp,
+            pp,
+            dp,
+            p.max_tokens_per_microbatch,
+            p.activation_recompute,
+            p.fp8 is not None,
+            sequence_parallel=sequence_parallel,
+            logprob_chunk_tokens=p.logprob_chunk_tokens,
+        )
         memory = terms.total
         if memory > gpu_memory_gib:
-            fail("policy.max_tokens_per_microbatch", f"estimated {memory:.1f} GiB per GPU exceeds {gpu_memory_gib:.0f} GiB "
-                 f"(TP={tp}, PP={pp}, DP={dp}, {p.max_tokens_per_microbatch} tokens per micro-batch, "
-                 f"sequence parallel {'on' if sequence_parallel else 'off'})")
+            fail(
+                "policy.max_tokens_per_microbatch",
+                f"estimated {memory:.1f} GiB per GPU exceeds {gpu_memory_gib:.0f} GiB "
+                f"(TP={tp}, PP={pp}, DP={dp}, {p.max_tokens_per_microbatch} tokens per micro-batch, "
+                f"sequence parallel {'on' if sequence_parallel else 'off'})",
+            )
         if c.generation_nodes == 0 and g.backend == "vllm":
             colocated_gib = _check_colocated_vllm(cfg, terms, gpu_memory_gib, fail)
 
@@ -278,8 +332,11 @@ def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float
     a = cfg.algorithm
     trained = cfg.data.prompts_per_step * a.num_refinements
     if trained % (dp * a.minibatches_per_step):
-        fail("data.prompts_per_step", f"{cfg.data.prompts_per_step} prompts x {a.num_refinements} refinements = "
-             f"{trained} trained sequences do not split over DP={dp} x {a.minibatches_per_step} mini-batches")
+        fail(
+            "data.prompts_per_step",
+            f"{cfg.data.prompts_per_step} prompts x {a.num_refinements} refinements = "
+            f"{trained} trained sequences do not split over DP={dp} x {a.minibatches_per_step} mini-batches",
+        )
 
     replicas = 0
     if c.generation_nodes:
@@ -287,23 +344,44 @@ def check_layout(cfg: IGRPOConfig, source: str = "config", gpu_memory_gib: float
         if c.gpus_per_node % vtp:
             fail("generation.vllm.tensor_parallel_size", f"{vtp} does not divide gpus_per_node={c.gpus_per_node}")
         if shape is not None and (shape.num_attention_heads % vtp or shape.num_query_groups % vtp):
-            fail("generation.vllm.tensor_parallel_size", f"{vtp} does not divide the model's heads "
-                 f"({shape.num_attention_heads}/{shape.num_query_groups})")
+            fail(
+                "generation.vllm.tensor_parallel_size",
+                f"{vtp} does not divide the model's heads ({shape.num_attention_heads}/{shape.num_query_groups})",
+            )
         replicas = c.generation_nodes * c.gpus_per_node // vtp
         if shape is not None:
             kv_tokens = kv_cache_tokens(shape, vtp, gpu_memory_gib, g.vllm.gpu_memory_utilization)
             if g.vllm.max_model_len and kv_tokens < g.vllm.max_model_len:
-                fail("generation.vllm.gpu_memory_utilization", f"a vLLM engine holds {kv_tokens} KV tokens, "
-                     f"less than one sequence of max_model_len={g.vllm.max_model_len}")
+                fail(
+                    "generation.vllm.gpu_memory_utilization",
+                    f"a vLLM engine holds {kv_tokens} KV tokens, "
+                    f"less than one sequence of max_model_len={g.vllm.max_model_len}",
+                )
     if g.vllm.max_model_len and p.max_tokens_per_microbatch < g.vllm.max_model_len:
-        fail("policy.max_tokens_per_microbatch", f"{p.max_tokens_per_microbatch} tokens cannot hold one sequence of "
-             f"generation.vllm.max_model_len={g.vllm.max_model_len}")
+        fail(
+            "policy.max_tokens_per_microbatch",
+            f"{p.max_tokens_per_microbatch} tokens cannot hold one sequence of "
+            f"generation.vllm.max_model_len={g.vllm.max_model_len}",
+        )
     if shape is not None and g.vllm.max_model_len and g.vllm.max_model_len > shape.max_position_embeddings:
-        fail("generation.vllm.max_model_len", f"{g.vllm.max_model_len} exceeds the model's context "
-             f"({shape.max_position_embeddings})")
+        fail(
+            "generation.vllm.max_model_len",
+            f"{g.vllm.max_model_len} exceeds the model's context ({shape.max_position_embeddings})",
+        )
     _check_nccl_weight_sync(cfg, fills_nccl_master_address, fail)
-    return Layout(train_nodes, train_gpus, tp, pp, dp, padded, memory, replicas, kv_tokens,
-                  sequence_parallel=sequence_parallel, colocated_vllm_gib=colocated_gib)
+    return Layout(
+        train_nodes,
+        train_gpus,
+        tp,
+        pp,
+        dp,
+        padded,
+        memory,
+        replicas,
+        kv_tokens,
+        sequence_parallel=sequence_parallel,
+        colocated_vllm_gib=colocated_gib,
+    )
 
 
 def _check_colocated_vllm(cfg: IGRPOConfig, terms: TrainMemory, gpu_memory_gib: float, fail) -> float:
@@ -321,23 +399,29 @@ def _check_colocated_vllm(cfg: IGRPOConfig, terms: TrainMemory, gpu_memory_gib: 
     peak = terms.total
     if not v.enable_sleep_mode:
         if peak + share > gpu_memory_gib:
-            fail("generation.vllm.gpu_memory_utilization",
-                 f"vLLM colocated with the trainer holds {v.gpu_memory_utilization} x {gpu_memory_gib:.0f} = {share:.1f} GiB "
-                 f"on every training GPU; with the trainer's estimated {peak:.1f} GiB that is {peak + share:.1f} GiB > "
-                 f"{gpu_memory_gib:.0f} GiB. Lower it, or set generation.vllm.enable_sleep_mode=true so vLLM releases its "
-                 "weights and KV cache during the update")
+            fail(
+                "generation.vllm.gpu_memory_utilization",
+                f"vLLM colocated with the trainer holds {v.gpu_memory_utilization} x {gpu_memory_gib:.0f} = {share:.1f} GiB "
+                f"on every training GPU; with the trainer's estimated {peak:.1f} GiB that is {peak + share:.1f} GiB > "
+                f"{gpu_memory_gib:.0f} GiB. Lower it, or set generation.vllm.enable_sleep_mode=true so vLLM releases its "
+                "weights and KV cache during the update",
+            )
         return share
     residual = vllm_sleep_residual_gib(v.enforce_eager)
     if peak + residual > gpu_memory_gib:
-        fail("policy.max_tokens_per_microbatch",
-             f"the update needs an estimated {peak:.1f} GiB per GPU plus {residual:.1f} GiB a sleeping colocated vLLM "
-             f"keeps (CUDA context, cached buffers{', CUDA graphs' if not v.enforce_eager else ''}): "
-             f"{peak + residual:.1f} GiB > {gpu_memory_gib:.0f} GiB")
+        fail(
+            "policy.max_tokens_per_microbatch",
+            f"the update needs an estimated {peak:.1f} GiB per GPU plus {residual:.1f} GiB a sleeping colocated vLLM "
+            f"keeps (CUDA context, cached buffers{', CUDA graphs' if not v.enforce_eager else ''}): "
+            f"{peak + residual:.1f} GiB > {gpu_memory_gib:.0f} GiB",
+        )
     if terms.resident + share > gpu_memory_gib:
-        fail("generation.vllm.gpu_memory_utilization",
-             f"while vLLM generates, the trainer keeps {terms.resident:.1f} GiB per GPU (weights, gradients, optimizer, "
-             f"runtime) and vLLM takes {v.gpu_memory_utilization} x {gpu_memory_gib:.0f} = {share:.1f} GiB: "
-             f"{terms.resident + share:.1f} GiB > {gpu_memory_gib:.0f} GiB")
+        fail(
+            "generation.vllm.gpu_memory_utilization",
+            f"while vLLM generates, the trainer keeps {terms.resident:.1f} GiB per GPU (weights, gradients, optimizer, "
+            f"runtime) and vLLM takes {v.gpu_memory_utilization} x {gpu_memory_gib:.0f} = {share:.1f} GiB: "
+            f"{terms.resident + share:.1f} GiB > {gpu_memory_gib:.0f} GiB",
+        )
     return residual
 
 
@@ -353,10 +437,12 @@ def _check_nccl_weight_sync(cfg: IGRPOConfig, launcher_fills: bool, fail) -> Non
     server_host = urlsplit(g.server.url).hostname or ""
     if c.generation_nodes or not is_loopback(server_host):
         where = "a generation node" if c.generation_nodes else f"the server at {g.server.url}"
-        fail("generation.server.nccl_master_address",
-             f"{g.server.nccl_master_address} is this host's loopback address, which {where} cannot reach for "
-             "generation.server.weight_sync=nccl; set it to an address of the first training node (the launchers "
-             "fill it from Slurm when they start the generation node)")
+        fail(
+            "generation.server.nccl_master_address",
+            f"{g.server.nccl_master_address} is this host's loopback address, which {where} cannot reach for "
+            "generation.server.weight_sync=nccl; set it to an address of the first training node (the launchers "
+            "fill it from Slurm when they start the generation node)",
+        )
 
 
 def check_model_supported(cfg: IGRPOConfig, source: str = "config") -> Optional[str]:
@@ -392,5 +478,6 @@ def check_model_supported(cfg: IGRPOConfig, source: str = "config") -> Optional[
         except (UnsupportedModelError, ValueError) as e:
             # Name the model and where its architecture came from instead of the temporary file.
             reason = str(e).replace(f"{stand_in}: ", "")
-            raise LayoutError(f"{source}: '{key}': {hf_path} ({shape.architecture}, from launch/model_shapes.py): "
-                              f"{reason}") from None
+            raise LayoutError(
+                f"{source}: '{key}': {hf_path} ({shape.architecture}, from launch/model_shapes.py): {reason}"
+            ) from None

@@ -65,9 +65,20 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     # 52 layers (24 Mamba-2, 4 attention, 24 MLP), 8K context; pattern and Mamba sizes as in
     # megatron-bridge's NemotronH 8B recipe (recipes/nemotronh/h100/nemotronh.py).
     "Nemotron-H-8B-Base-8K": ModelShape(
-        8.10, 52, 4096, 21504, 32, 8, 131072, 8192, mamba_num_heads=128, mamba_num_groups=8,
+        8.10,
+        52,
+        4096,
+        21504,
+        32,
+        8,
+        131072,
+        8192,
+        mamba_num_heads=128,
+        mamba_num_groups=8,
         hybrid_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-        mamba_head_dim=64, mamba_state_dim=128, mamba_chunk_size=128,
+        mamba_head_dim=64,
+        mamba_state_dim=128,
+        mamba_chunk_size=128,
         architecture="NemotronHForCausalLM",
     ),
 }

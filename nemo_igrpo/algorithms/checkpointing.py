@@ -5,6 +5,7 @@ it only when every file is on disk (see MegatronActor.save_checkpoint), so any d
 matches `step_<N>` exactly is complete; a kill mid-save leaves only a `.tmp` sibling, which
 resume ignores and the next save removes.
 """
+
 from __future__ import annotations
 
 import re

@@ -22,8 +22,7 @@ LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_ref| is clamped to this before the es
 KL_VALUE_CLAMP = 10.0  # the per-token estimate is clamped to [-10, 10]
 
 KLFn = Callable[[torch.Tensor], torch.Tensor]
-KL_ESTIMATORS = Registry("KL estimator", "algorithm.kl_estimator", arity=1,
-                         signature="fn(log_ratio: Tensor) -> Tensor")
+KL_ESTIMATORS = Registry("KL estimator", "algorithm.kl_estimator", arity=1, signature="fn(log_ratio: Tensor) -> Tensor")
 register_kl = KL_ESTIMATORS.register
 
 

@@ -50,8 +50,12 @@ class PolicyLossOutput:
 
 
 PolicyLossFn = Callable[[LossInputs, AlgorithmConfig], PolicyLossOutput]
-POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss", arity=2,
-                         signature="fn(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput")
+POLICY_LOSSES = Registry(
+    "policy loss",
+    "algorithm.policy_loss",
+    arity=2,
+    signature="fn(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput",
+)
 register_policy_loss = POLICY_LOSSES.register  # @register_policy_loss("name")
 get_policy_loss: Callable[[str], PolicyLossFn] = POLICY_LOSSES.lookup
 
@@ -102,7 +106,9 @@ def clipped_objective(log_ratio: torch.Tensor, advantages: torch.Tensor, cfg: Al
 @register_policy_loss("clipped")
 def clipped_surrogate_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
     """Token-level ratio rho_t = exp(log pi_t - log pi_old_t) (GRPO, DAPO, the paper)."""
-    log_ratio = (inputs.logprobs - inputs.old_logprobs.to(inputs.logprobs.dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = (inputs.logprobs - inputs.old_logprobs.to(inputs.logprobs.dtype)).clamp(
+        -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+    )
     return clipped_objective(log_ratio, inputs.advantages, cfg)
 
 
@@ -127,8 +133,12 @@ def gspo_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
 # --- aggregation ----------------------------------------------------------------------------
 
 AggregationFn = Callable[[torch.Tensor, torch.Tensor, int, LossNormalizer], torch.Tensor]
-LOSS_AGGREGATIONS = Registry("loss aggregation", "algorithm.loss_aggregation", arity=4,
-                             signature="fn(per_token, seq_ids, num_seqs, norm: LossNormalizer) -> Tensor (a share)")
+LOSS_AGGREGATIONS = Registry(
+    "loss aggregation",
+    "algorithm.loss_aggregation",
+    arity=4,
+    signature="fn(per_token, seq_ids, num_seqs, norm: LossNormalizer) -> Tensor (a share)",
+)
 register_aggregation = LOSS_AGGREGATIONS.register
 
 
@@ -140,7 +150,9 @@ def token_mean(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, no
 
 
 @register_aggregation("seq-mean-token-mean")
-def seq_mean_token_mean(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer) -> torch.Tensor:
+def seq_mean_token_mean(
+    per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer
+) -> torch.Tensor:
     """The paper's (and GRPO's) form: mean over a sequence's tokens, then mean over sequences.
     The per-sequence mean is complete inside one micro-batch (sequences are never split)."""
     lengths = segment_lengths(seq_ids, num_seqs, per_token.dtype).clamp(min=1.0)
@@ -148,17 +160,23 @@ def seq_mean_token_mean(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs
 
 
 @register_aggregation("seq-mean-token-sum")
-def seq_mean_token_sum(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer) -> torch.Tensor:
+def seq_mean_token_sum(
+    per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer
+) -> torch.Tensor:
     """Sum over a sequence's tokens, mean over sequences."""
     return per_token.sum() / norm.num_seqs
 
 
 @register_aggregation("seq-mean-token-sum-norm")
-def seq_mean_token_sum_norm(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer) -> torch.Tensor:
+def seq_mean_token_sum_norm(
+    per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer
+) -> torch.Tensor:
     """Dr. GRPO: sum over a sequence's tokens divided by a constant (the maximum response
     length), mean over sequences; no length-dependent normaliser."""
     if norm.max_response_length < 1:
-        raise ValueError(f"seq-mean-token-sum-norm needs LossNormalizer.max_response_length >= 1, got {norm.max_response_length}")
+        raise ValueError(
+            f"seq-mean-token-sum-norm needs LossNormalizer.max_response_length >= 1, got {norm.max_response_length}"
+        )
     return per_token.sum() / (norm.num_seqs * norm.max_response_length)
 
 
@@ -223,13 +241,17 @@ class PolicyLoss:
             if t.shape != (n,):
                 raise ValueError(f"LossInputs.{name} has shape {tuple(t.shape)}, expected ({n},) like logprobs")
         if norm.num_tokens <= 0 or norm.num_seqs <= 0:
-            raise ValueError(f"LossNormalizer needs positive counts, got num_tokens={norm.num_tokens}, num_seqs={norm.num_seqs}")
+            raise ValueError(
+                f"LossNormalizer needs positive counts, got num_tokens={norm.num_tokens}, num_seqs={norm.num_seqs}"
+            )
         cfg = self.cfg
         out = self.policy_loss(inputs, cfg)
         if not isinstance(out, PolicyLossOutput):
             # A plug-in loss (import path) is only known by its signature until it runs.
-            raise TypeError(f"algorithm.policy_loss={cfg.policy_loss!r} returned {type(out).__name__}, "
-                            "expected nemo_igrpo.algorithms.losses.PolicyLossOutput")
+            raise TypeError(
+                f"algorithm.policy_loss={cfg.policy_loss!r} returned {type(out).__name__}, "
+                "expected nemo_igrpo.algorithms.losses.PolicyLossOutput"
+            )
         per_token_loss = out.per_token_loss
         metrics: dict[str, torch.Tensor] = {}
         if cfg.tis_cap is not None:
@@ -244,7 +266,9 @@ class PolicyLoss:
             if inputs.ref_logprobs is None:
                 raise ValueError("algorithm.kl_beta > 0 but the actor passed no ref_logprobs (reference model not run)")
             if inputs.ref_logprobs.shape != (n,):
-                raise ValueError(f"LossInputs.ref_logprobs has shape {tuple(inputs.ref_logprobs.shape)}, expected ({n},)")
+                raise ValueError(
+                    f"LossInputs.ref_logprobs has shape {tuple(inputs.ref_logprobs.shape)}, expected ({n},)"
+                )
             per_token_kl = kl_penalty(inputs.logprobs, inputs.ref_logprobs.to(inputs.logprobs.dtype), cfg.kl_estimator)
             kl = aggregate_loss(per_token_kl, inputs.seq_ids, inputs.num_seqs, cfg.loss_aggregation, norm)
             loss = loss + cfg.kl_beta * kl
@@ -252,7 +276,9 @@ class PolicyLoss:
             metrics["kl_loss"] = (cfg.kl_beta * kl).detach()
         with torch.no_grad():
             t = float(norm.num_tokens)
-            drift = (inputs.old_logprobs.to(inputs.logprobs.dtype) - inputs.logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            drift = (inputs.old_logprobs.to(inputs.logprobs.dtype) - inputs.logprobs).clamp(
+                -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+            )
             metrics["clip_frac_low"] = out.clipped_low.sum().to(torch.float32) / t
             metrics["clip_frac_high"] = out.clipped_high.sum().to(torch.float32) / t
             metrics["dual_clip_frac"] = out.dual_clipped.sum().to(torch.float32) / t

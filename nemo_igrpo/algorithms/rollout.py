@@ -69,17 +69,22 @@ _STAGE_REFINE = 100  # + round index
 
 _RECORD_TEXT_CHARS = 2000
 _SUMMED_REWARD_METRICS = {
-    "reward/errors", "reward/timeouts", "reward/nonfinite", "reward/out_of_range", "reward/seconds",
-    "reward/judge_requests", "reward/judge_cache_hits",
+    "reward/errors",
+    "reward/timeouts",
+    "reward/nonfinite",
+    "reward/out_of_range",
+    "reward/seconds",
+    "reward/judge_requests",
+    "reward/judge_cache_hits",
 }  # example texts in `records` are cut to this many characters
 
 
 def overlong_penalty(length: int, max_new_tokens: int, buffer_tokens: int, penalty: float) -> float:
     """DAPO soft overlong punishment (<= 0), added to the reward of a response of `length` tokens:
 
-        0                                       if length <= L_max - B
-        (L_max - B - length) / B * penalty      if L_max - B < length <= L_max
-        -penalty                                if length > L_max
+    0                                       if length <= L_max - B
+    (L_max - B - length) / B * penalty      if L_max - B < length <= L_max
+    -penalty                                if length > L_max
     """
     expected = max_new_tokens - buffer_tokens
     if length <= expected:
@@ -220,12 +225,14 @@ class _Pipeline:
         timing = self.rollout._timing
         timing["draft_generation"] += max(self.t_drafts_done - t0 - self.blocked_at_drafts_done, 0.0)
         timing["refine_generation"] += max(
-            t_end - self.t_drafts_done - (sum(self.blocked.values()) - self.blocked_at_drafts_done), 0.0)
+            t_end - self.t_drafts_done - (sum(self.blocked.values()) - self.blocked_at_drafts_done), 0.0
+        )
         timing["draft_reward"] += self.blocked["draft"]
         timing["refine_reward"] += self.blocked["refine"]
 
-    def _submit(self, kind: str, state: _PromptState, prompt: list[int], n: int, stage: int,
-                group: Optional[_Group] = None) -> None:
+    def _submit(
+        self, kind: str, state: _PromptState, prompt: list[int], n: int, stage: int, group: Optional[_Group] = None
+    ) -> None:
         # The seed of the barrier rollout's call for this stage and group size: it never depended
         # on which prompts shared the call, so each prompt's request gets the same one here.
         params = self.rollout._sampling(n, request_seed(self.rollout.seed, self.step, self.attempt, stage, n))
@@ -258,7 +265,11 @@ class _Pipeline:
                 continue
             items = []
             for request, results in entries:
-                meta = {"stage": "draft"} if stage == "draft" else {"stage": "refinement", "round": request.group.round_index}
+                meta = (
+                    {"stage": "draft"}
+                    if stage == "draft"
+                    else {"stage": "refinement", "round": request.group.round_index}
+                )
                 items.extend((request.state.problem, r, meta) for r in results)
             self.scoring.append((self.rollout._score_async(items), stage, entries))
 
@@ -281,13 +292,15 @@ class _Pipeline:
             offset = 0
             for request, results in entries:
                 size = len(results)
-                self._on_scored(request, results, scores[offset: offset + size], correct[offset: offset + size])
+                self._on_scored(request, results, scores[offset : offset + size], correct[offset : offset + size])
                 offset += size
             self._flush_scoring()
 
     # -- one prompt's progress --
 
-    def _on_scored(self, request: _Request, results: list[GenerationResult], scores: list[float], correct: list[bool]) -> None:
+    def _on_scored(
+        self, request: _Request, results: list[GenerationResult], scores: list[float], correct: list[bool]
+    ) -> None:
         state = request.state
         if request.kind == "refine":
             group = request.group
@@ -308,8 +321,9 @@ class _Pipeline:
                 state.unanimous_probe = True
                 state.num_refinements = cfg.num_refinements + cfg.num_drafts - len(state.draft_rewards)
             else:
-                self._submit("draft_rest", state, state.plain_ids, cfg.num_drafts - len(state.draft_rewards),
-                             _STAGE_DRAFT_REST)
+                self._submit(
+                    "draft_rest", state, state.plain_ids, cfg.num_drafts - len(state.draft_rewards), _STAGE_DRAFT_REST
+                )
                 return
         rng = selection_rng(self.rollout.seed, self.step, 0, state.position, self.attempt)
         state.selection = select_best_draft(state.draft_rewards, cfg.tie_break, cfg.all_zero_drafts, rng)
@@ -369,7 +383,9 @@ class IGRPORollout:
             algo_cfg.template,
             max_prompt_tokens=gen_cfg.max_prompt_tokens,
             max_new_tokens=gen_cfg.max_new_tokens,
-            max_context_tokens=max_context_tokens if max_context_tokens is not None else default_context_length(gen_cfg, tokenizer),
+            max_context_tokens=max_context_tokens
+            if max_context_tokens is not None
+            else default_context_length(gen_cfg, tokenizer),
             apply_chat_template=apply_chat_template,
         )
         self._warned_no_source = False
@@ -383,8 +399,10 @@ class IGRPORollout:
         # getattr: the key is optional in AlgorithmConfig objects built by older code and tests.
         value = override if override is not None else getattr(self.cfg, "pipeline_refinements", None)
         if value is not None and not isinstance(value, bool):
-            raise ValueError(f"algorithm.pipeline_refinements: must be true, false or null (= true when the "
-                             f"generation backend can overlap requests), got {value!r}")
+            raise ValueError(
+                f"algorithm.pipeline_refinements: must be true, false or null (= true when the "
+                f"generation backend can overlap requests), got {value!r}"
+            )
         overlaps = bool(getattr(self.backend, "supports_streaming", False))
         if value is None:
             return overlaps
@@ -392,7 +410,8 @@ class IGRPORollout:
             # Still correct (the default stream is generate() with barriers), just not faster.
             logger.warning(
                 "algorithm.pipeline_refinements=true: the %s generation backend cannot overlap requests, so "
-                "refinements still wait for every draft (same samples, no speed-up)", type(self.backend).__name__,
+                "refinements still wait for every draft (same samples, no speed-up)",
+                type(self.backend).__name__,
             )
         return value
 
@@ -430,7 +449,10 @@ class IGRPORollout:
             if attempt >= ds.max_generation_batches:
                 logger.info(
                     "dynamic sampling: %d of %d groups kept after %d extra batch(es) (algorithm.dynamic_sampling."
-                    "max_generation_batches); training on fewer groups", len(kept), target_groups, attempt,
+                    "max_generation_batches); training on fewer groups",
+                    len(kept),
+                    target_groups,
+                    attempt,
                 )
                 break
             if self.problem_source is None:
@@ -465,7 +487,9 @@ class IGRPORollout:
             states.append(_PromptState(problem, position_offset + i, attempt, ids, self.cfg.num_refinements))
         return states
 
-    def _rollout_prompts(self, problems: list[Problem], step: int, attempt: int, position_offset: int) -> list[_PromptState]:
+    def _rollout_prompts(
+        self, problems: list[Problem], step: int, attempt: int, position_offset: int
+    ) -> list[_PromptState]:
         """The two-barrier rollout: all drafts, then all refinements of each round."""
         cfg = self.cfg
         states = self._plain_states(problems, attempt, position_offset)
@@ -489,8 +513,9 @@ class IGRPORollout:
                 state.groups.append(group)
         return states
 
-    def _rollout_prompts_pipelined(self, problems: list[Problem], step: int, attempt: int,
-                                   position_offset: int) -> list[_PromptState]:
+    def _rollout_prompts_pipelined(
+        self, problems: list[Problem], step: int, attempt: int, position_offset: int
+    ) -> list[_PromptState]:
         """The same rollout with no barrier between prompts (module doc, "Pipelining")."""
         states = self._plain_states(problems, attempt, position_offset)
         if not states:
@@ -501,7 +526,9 @@ class IGRPORollout:
         for round_index in range(self.cfg.refinement_rounds):
             groups = [s.groups[round_index] for s in states if len(s.groups) > round_index]
             if groups:
-                advantages = compute_group_advantages(self.cfg.advantage, [g.shaped for g in groups], self.cfg.advantage_eps)
+                advantages = compute_group_advantages(
+                    self.cfg.advantage, [g.shaped for g in groups], self.cfg.advantage_eps
+                )
                 for group, adv in zip(groups, advantages):
                     group.advantages = adv
         return states
@@ -541,7 +568,9 @@ class IGRPORollout:
             rng = selection_rng(self.seed, step, 0, s.position, attempt)
             s.selection = select_best_draft(s.draft_rewards, cfg.tie_break, cfg.all_zero_drafts, rng)
 
-    def _generate_and_score_drafts(self, states: list[_PromptState], n: int, step: int, attempt: int, stage: int) -> None:
+    def _generate_and_score_drafts(
+        self, states: list[_PromptState], n: int, step: int, attempt: int, stage: int
+    ) -> None:
         t0 = time.perf_counter()
         params = self._sampling(n, request_seed(self.seed, step, attempt, stage, n))
         outputs = self._generate([s.plain_ids for s in states], params, "draft")
@@ -574,17 +603,27 @@ class IGRPORollout:
             condition_reward = prev.rewards[sel.index]
             condition_correct = prev.correct[sel.index]
         try:
-            built = self.prompts.with_draft(state.problem.prompt, source_text, problem_index=state.problem.index,
-                                            where=state.problem.location)
+            built = self.prompts.with_draft(
+                state.problem.prompt, source_text, problem_index=state.problem.index, where=state.problem.location
+            )
         except PromptDoesNotFit as e:
             self._report_unfit(e)
             return None
         if built.truncated:
             self._truncated_drafts += 1
-        return _Group(round_index, built.token_ids, True, condition_reward, built.truncated,
-                      condition_correct=bool(condition_correct), condition_text=source_text)
+        return _Group(
+            round_index,
+            built.token_ids,
+            True,
+            condition_reward,
+            built.truncated,
+            condition_correct=bool(condition_correct),
+            condition_text=source_text,
+        )
 
-    def _refine_stage(self, groups: list[tuple[_PromptState, _Group]], step: int, attempt: int, round_index: int) -> None:
+    def _refine_stage(
+        self, groups: list[tuple[_PromptState, _Group]], step: int, attempt: int, round_index: int
+    ) -> None:
         if not groups:
             return
         t0 = time.perf_counter()
@@ -599,14 +638,16 @@ class IGRPORollout:
                 group.results = list(results)
         t1 = time.perf_counter()
         flat = [(s, g, r) for s, g in groups for r in g.results]
-        scored = self._score([(s.problem, r, {"stage": "refinement", "round": round_index}) for s, _, r in flat], "refine")
+        scored = self._score(
+            [(s.problem, r, {"stage": "refinement", "round": round_index}) for s, _, r in flat], "refine"
+        )
         self._timing["refine_generation"] += t1 - t0
         self._timing["refine_reward"] += time.perf_counter() - t1
         scores, correct = scored.scores.tolist(), scored.correct.tolist()
         offset = 0
         for _, group in groups:
             size = len(group.results)
-            self._finish_group(group, scores[offset: offset + size], correct[offset: offset + size])
+            self._finish_group(group, scores[offset : offset + size], correct[offset : offset + size])
             offset += size
         advantages = compute_group_advantages(self.cfg.advantage, [g.shaped for _, g in groups], self.cfg.advantage_eps)
         for (_, group), adv in zip(groups, advantages):
@@ -648,7 +689,9 @@ class IGRPORollout:
     @staticmethod
     def _reward_samples(items: list[tuple[Problem, GenerationResult, dict]]) -> list[RewardSample]:
         return [
-            RewardSample(prompt=p.prompt, response=r.text, reference=p.answer, metadata={"problem_index": p.index, **meta})
+            RewardSample(
+                prompt=p.prompt, response=r.text, reference=p.answer, metadata={"problem_index": p.index, **meta}
+            )
             for p, r, meta in items
         ]
 
@@ -698,9 +741,11 @@ class IGRPORollout:
             logger.debug("sample left out of this step: %s", error)
             return
         self._unfit_problems.add(key)
-        logger.warning("problem left out of this step, its prompt does not fit (logged once per problem; every "
-                       "occurrence is counted in samples/unfit, distinct problems in samples/unfit_problems_total): %s",
-                       error)
+        logger.warning(
+            "problem left out of this step, its prompt does not fit (logged once per problem; every "
+            "occurrence is counted in samples/unfit, distinct problems in samples/unfit_problems_total): %s",
+            error,
+        )
 
     def _train_samples(self, groups: list[_Group]) -> tuple[list[TrainSample], list[int], int]:
         samples: list[TrainSample] = []
@@ -727,7 +772,9 @@ class IGRPORollout:
 
     # --- metrics and records ----------------------------------------------------------------------
 
-    def _metrics(self, states: list[_PromptState], kept: list[_Group], dropped: int, attempts: int, zero_length: int) -> dict[str, float]:
+    def _metrics(
+        self, states: list[_PromptState], kept: list[_Group], dropped: int, attempts: int, zero_length: int
+    ) -> dict[str, float]:
         cfg = self.cfg
         m: dict[str, float] = {}
         groups = [g for s in states for g in s.groups]

@@ -68,4 +68,6 @@ def select_best_draft(
         chosen = int(maxima[rng.integers(maxima.size)])
     all_zero = bool(best <= 0.0)
     index: Optional[int] = None if (all_zero and all_zero_drafts == "skip") else chosen
-    return DraftSelection(index=index, best_index=chosen, best_reward=float(best), num_maxima=int(maxima.size), all_zero=all_zero)
+    return DraftSelection(
+        index=index, best_index=chosen, best_reward=float(best), num_maxima=int(maxima.size), all_zero=all_zero
+    )

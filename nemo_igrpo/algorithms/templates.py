@@ -162,14 +162,21 @@ class PromptBuilder:
         ids = self._encode(self.render(problem))
         if len(ids) > self.max_prompt_tokens:
             raise PromptDoesNotFit(
-                "prompt is longer than the prompt budget", problem_index=problem_index, needed=len(ids),
-                limit=self.max_prompt_tokens, key="generation.max_prompt_tokens", where=where,
+                "prompt is longer than the prompt budget",
+                problem_index=problem_index,
+                needed=len(ids),
+                limit=self.max_prompt_tokens,
+                key="generation.max_prompt_tokens",
+                where=where,
             )
         if self.max_context_tokens is not None and len(ids) + self.max_new_tokens > self.max_context_tokens:
             raise PromptDoesNotFit(
-                "prompt plus the response budget exceeds the model context", problem_index=problem_index,
-                needed=len(ids) + self.max_new_tokens, limit=self.max_context_tokens,
-                key="generation.max_new_tokens / the model's context length", where=where,
+                "prompt plus the response budget exceeds the model context",
+                problem_index=problem_index,
+                needed=len(ids) + self.max_new_tokens,
+                limit=self.max_context_tokens,
+                key="generation.max_new_tokens / the model's context length",
+                where=where,
             )
         return ids
 
@@ -182,27 +189,34 @@ class PromptBuilder:
             budget = min(budget, self.max_context_tokens - self.max_new_tokens - frame_tokens)
         return budget
 
-    def with_draft(self, problem: str, draft: str, problem_index: Optional[int] = None,
-                   where: Optional[str] = None) -> RefinementPrompt:
+    def with_draft(
+        self, problem: str, draft: str, problem_index: Optional[int] = None, where: Optional[str] = None
+    ) -> RefinementPrompt:
         """q' = the problem with the draft appended through the wrapper, as token ids."""
         if self.template.strip_reasoning:
             draft = strip_reasoning(draft)
         text = self.render(fill_wrapper(self.template.draft_wrapper, problem, _DRAFT_SENTINEL))
         if text.count(_DRAFT_SENTINEL) != 1:
-            raise ValueError("the chat template altered the draft placeholder; it cannot be used for refinement prompts")
+            raise ValueError(
+                "the chat template altered the draft placeholder; it cannot be used for refinement prompts"
+            )
         prefix_text, suffix_text = text.split(_DRAFT_SENTINEL)
         prefix = self._encode(prefix_text)
         # The suffix never starts the sequence: no BOS for it even in raw-text mode.
         suffix = list(self.tokenizer.encode(suffix_text, add_special_tokens=False)) if suffix_text else []
-        draft_ids = list(self.tokenizer.encode(draft, add_special_tokens=False, split_special_tokens=True)) if draft else []
+        draft_ids = (
+            list(self.tokenizer.encode(draft, add_special_tokens=False, split_special_tokens=True)) if draft else []
+        )
         frame = len(prefix) + len(suffix)
         budget = self.draft_budget(frame)
         if budget < 0 or (budget == 0 and draft_ids):
             raise PromptDoesNotFit(
                 "no room for the draft: prompt + wrapper + response budget exceed the model context",
-                problem_index=problem_index, needed=frame + self.max_new_tokens + min(len(draft_ids), 1),
+                problem_index=problem_index,
+                needed=frame + self.max_new_tokens + min(len(draft_ids), 1),
                 limit=self.max_context_tokens if self.max_context_tokens is not None else frame,
-                key="generation.max_new_tokens / the model's context length", where=where,
+                key="generation.max_new_tokens / the model's context length",
+                where=where,
             )
         total = len(draft_ids)
         truncated = total > budget

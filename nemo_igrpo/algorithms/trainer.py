@@ -16,6 +16,7 @@ or on rank 0 alone; a separate server (`generation.backend=vllm_server`) scales 
 Rewards stay on rank 0: they are CPU work in worker processes (well under a percent of a step
 here), and one RewardManager keeps one place for timeouts, failure counts and the stop rule.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,8 +104,9 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("received %s: will save a checkpoint and stop after the current phase",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "received %s: will save a checkpoint and stop after the current phase", signal.Signals(signum).name
+        )
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():
@@ -123,7 +125,7 @@ def _set_python_rng_state(state: dict) -> None:
 
 def _split(seq: list, parts: int) -> list[list]:
     size = math.ceil(len(seq) / parts)
-    return [seq[i:i + size] for i in range(0, len(seq), size)] if seq else []
+    return [seq[i : i + size] for i in range(0, len(seq), size)] if seq else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,24 +150,41 @@ class Trainer:
         from nemo_igrpo.data.datasets import PromptSampler, load_problems
 
         # Data first: a missing field fails in a second, before any model is built.
-        self.train_problems = load_problems(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key,
-                                            split=cfg.data.split)
-        self.eval_problems = (load_problems(cfg.data.eval_path, cfg.data.prompt_key, cfg.data.answer_key,
-                                            split="test", limit=cfg.data.max_eval_samples)
-                              if cfg.data.eval_path else [])
-        self.sampler = PromptSampler(self.train_problems, cfg.data.prompts_per_step, seed=cfg.seed,
-                                     shuffle=cfg.data.shuffle)
+        self.train_problems = load_problems(
+            cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key, split=cfg.data.split
+        )
+        self.eval_problems = (
+            load_problems(
+                cfg.data.eval_path,
+                cfg.data.prompt_key,
+                cfg.data.answer_key,
+                split="test",
+                limit=cfg.data.max_eval_samples,
+            )
+            if cfg.data.eval_path
+            else []
+        )
+        self.sampler = PromptSampler(
+            self.train_problems, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle
+        )
         if os.environ.get("RANK", "0").strip() in ("", "0"):  # torch.distributed is not up yet
-            self.console(f"[igrpo] data: {len(self.train_problems)} training problems, {len(self.eval_problems)} held-out; "
-                         f"building the policy ({cfg.policy.model.hf_path or 'tiny model'})")
+            self.console(
+                f"[igrpo] data: {len(self.train_problems)} training problems, {len(self.eval_problems)} held-out; "
+                f"building the policy ({cfg.policy.model.hf_path or 'tiny model'})"
+            )
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
 
         from nemo_igrpo.policy.actor import MegatronActor
 
-        self.actor = MegatronActor(cfg.policy, seed=cfg.seed, total_steps=cfg.trainer.max_steps * cfg.algorithm.minibatches_per_step,
-                                   kl_beta=cfg.algorithm.kl_beta, cache_dir=str(self.run_dir / "model_cache"))
+        self.actor = MegatronActor(
+            cfg.policy,
+            seed=cfg.seed,
+            total_steps=cfg.trainer.max_steps * cfg.algorithm.minibatches_per_step,
+            kl_beta=cfg.algorithm.kl_beta,
+            cache_dir=str(self.run_dir / "model_cache"),
+        )
         self.is_main = _rank() == 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,13 +206,24 @@ class Trainer:
 
         # Generation on every rank (generation/data_parallel.py) or on rank 0 only.
         self.generator: Optional[DataParallelGenerator] = None
-        if uses_data_parallel_generation(cfg.generation.backend, cfg.generation.data_parallel, collectives.world_size()):
-            group = generation_group_size(cfg.generation.backend, cfg.policy.tensor_parallel_size,
-                                          cfg.policy.pipeline_parallel_size, cfg.generation.vllm.tensor_parallel_size)
+        if uses_data_parallel_generation(
+            cfg.generation.backend, cfg.generation.data_parallel, collectives.world_size()
+        ):
+            group = generation_group_size(
+                cfg.generation.backend,
+                cfg.policy.tensor_parallel_size,
+                cfg.policy.pipeline_parallel_size,
+                cfg.generation.vllm.tensor_parallel_size,
+            )
             # Each engine its own seed: requests carry seeds, but unseeded ones must not repeat
             # the same samples on every engine.
-            local = build_generation_backend(cfg.generation, self.actor.hf_path, seed=cfg.seed + _rank() // group,
-                                             actor=self.actor, per_rank_engine=True)
+            local = build_generation_backend(
+                cfg.generation,
+                self.actor.hf_path,
+                seed=cfg.seed + _rank() // group,
+                actor=self.actor,
+                per_rank_engine=True,
+            )
             self.generator = DataParallelGenerator(local, group_size=group)
         if self.is_main:
             self.console(f"[igrpo] starting the generation backend ({cfg.generation.backend})")
@@ -202,27 +232,42 @@ class Trainer:
             from nemo_igrpo.rewards.manager import RewardManager
 
             self.rewards = RewardManager(cfg.reward)
-            self.backend = self.generator or build_generation_backend(cfg.generation, self.actor.hf_path,
-                                                                      seed=cfg.seed, actor=self.actor)
-            self.rollout = IGRPORollout(cfg.algorithm, cfg.generation, self.backend, self.rewards, self.tokenizer, cfg.seed,
-                                        problem_source=lambda k: self.sampler.next_batch(k),
-                                        apply_chat_template=cfg.data.apply_chat_template,
-                                        num_records=max(0, cfg.logging.samples_per_step))
-            self.eval_prompts = PromptBuilder(self.tokenizer, cfg.algorithm.template,
-                                              max_prompt_tokens=cfg.generation.max_prompt_tokens,
-                                              max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-                                              apply_chat_template=cfg.data.apply_chat_template)
-        self.log = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, enabled=self.is_main,
-                                 config_dict=asdict(cfg))
-        self.samples = SampleLog(self.run_dir, cfg.logging.samples_max_mb,
-                                 enabled=self.is_main and cfg.logging.samples_per_step > 0)
+            self.backend = self.generator or build_generation_backend(
+                cfg.generation, self.actor.hf_path, seed=cfg.seed, actor=self.actor
+            )
+            self.rollout = IGRPORollout(
+                cfg.algorithm,
+                cfg.generation,
+                self.backend,
+                self.rewards,
+                self.tokenizer,
+                cfg.seed,
+                problem_source=lambda k: self.sampler.next_batch(k),
+                apply_chat_template=cfg.data.apply_chat_template,
+                num_records=max(0, cfg.logging.samples_per_step),
+            )
+            self.eval_prompts = PromptBuilder(
+                self.tokenizer,
+                cfg.algorithm.template,
+                max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+                apply_chat_template=cfg.data.apply_chat_template,
+            )
+        self.log = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name, enabled=self.is_main, config_dict=asdict(cfg))
+        self.samples = SampleLog(
+            self.run_dir, cfg.logging.samples_max_mb, enabled=self.is_main and cfg.logging.samples_per_step > 0
+        )
 
     # --- checkpoints -----------------------------------------------------------------------
 
     def _save(self, step: int, reason: str) -> None:
-        extra = {"step": step, "sampler": self.sampler.state_dict(), "rng": _python_rng_state(),
-                 "nonfinite": {"consecutive": self.consecutive_nonfinite, "total": self.total_nonfinite},
-                 "reason": reason}
+        extra = {
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "rng": _python_rng_state(),
+            "nonfinite": {"consecutive": self.consecutive_nonfinite, "total": self.total_nonfinite},
+            "reason": reason,
+        }
         path = checkpoint_dir(self.ckpt_root, step)
         if path.exists():
             return  # already saved this step (e.g. periodic save, then a signal)
@@ -275,9 +320,17 @@ class Trainer:
             from nemo_igrpo.evaluation.evaluate import evaluate
 
             with self._generation_session():
-                res = evaluate(self.backend, self.eval_prompts, self.rewards, self.eval_problems, self.cfg.eval,
-                               max_new_tokens=self.cfg.generation.max_new_tokens,
-                               stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name="held-out")
+                res = evaluate(
+                    self.backend,
+                    self.eval_prompts,
+                    self.rewards,
+                    self.eval_problems,
+                    self.cfg.eval,
+                    max_new_tokens=self.cfg.generation.max_new_tokens,
+                    stop_token_ids=[self.tokenizer.eos_token_id],
+                    seed=self.cfg.seed,
+                    name="held-out",
+                )
             metrics = res.as_metrics("eval")
             metrics["timing/eval_s"] = res.seconds
         elif self.generator is not None:
@@ -334,8 +387,9 @@ class Trainer:
         updates = []
         with timer.phase("update"):
             for chunk in _split(samples, self.cfg.algorithm.minibatches_per_step):
-                updates.append(self.actor.train_step(chunk, self.loss_fn,
-                                                     max_response_length=self.cfg.generation.max_new_tokens))
+                updates.append(
+                    self.actor.train_step(chunk, self.loss_fn, max_response_length=self.cfg.generation.max_new_tokens)
+                )
         skipped = sum(u.get("skipped", 0.0) for u in updates)
         from nemo_igrpo.algorithms.losses import finalize_loss_metrics
 
@@ -353,8 +407,9 @@ class Trainer:
             value = first["logprob_mismatch"]
             metrics["generation/logprob_mismatch"] = value
             if self.is_main:
-                warn_on_logprob_mismatch(value, int(first["logprob_mismatch_tokens"]),
-                                         self.cfg.generation.logprob_mismatch_warn)
+                warn_on_logprob_mismatch(
+                    value, int(first["logprob_mismatch_tokens"]), self.cfg.generation.logprob_mismatch_warn
+                )
         return finalize_loss_metrics(metrics)
 
     # --- the loop --------------------------------------------------------------------------
@@ -394,7 +449,8 @@ class Trainer:
                         f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
                         f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}); the updates "
                         f"were skipped and a checkpoint was saved at {checkpoint_dir(self.ckpt_root, step)}. "
-                        "Lower policy.optimizer.lr, check the data and rewards, or use bf16/fp32 consistently.")
+                        "Lower policy.optimizer.lr, check the data and rewards, or use bf16/fp32 consistently."
+                    )
                 if _all_ranks_agree(self.stop.requested):
                     self._save(step, "signal")
                     result.stopped_by_signal = True
@@ -435,12 +491,18 @@ class Trainer:
         if failure is not None:
             kind, message = failure
             if step > 1:
-                self._save(step - 1, "generation server failure" if kind == "GenerationServerError" else "reward failure")
-            saved = (f"No work was lost: the last completed step is checkpointed under {self.ckpt_root}; "
-                     if step > 1 else "")
+                self._save(
+                    step - 1, "generation server failure" if kind == "GenerationServerError" else "reward failure"
+                )
+            saved = (
+                f"No work was lost: the last completed step is checkpointed under {self.ckpt_root}; "
+                if step > 1
+                else ""
+            )
             if kind == "GenerationServerError":
                 raise GenerationServerError(
-                    f"step {step}: {message}. {saved}rerun the same command when the server is back to resume.")
+                    f"step {step}: {message}. {saved}rerun the same command when the server is back to resume."
+                )
             raise RewardTermFailing(f"step {step}: {message}. {saved}rerun the same command to resume once fixed.")
         batch = _broadcast(batch)
         if self.is_main and batch.records:
@@ -464,8 +526,9 @@ class Trainer:
         if skipped:
             self.consecutive_nonfinite += 1
             self.total_nonfinite += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
-                           self.consecutive_nonfinite)
+            logger.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, self.consecutive_nonfinite
+            )
         else:
             self.consecutive_nonfinite = 0
         rec["nonfinite/total"] = float(self.total_nonfinite)
@@ -511,8 +574,15 @@ class Trainer:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.cfg.trainer.max_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, leave=False, file=run_console.progress_stream())
+        self.bar = tqdm(
+            total=self.cfg.trainer.max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            file=run_console.progress_stream(),
+        )
         plain_console = self.console
         if plain_console is run_console.echo and run_console.active():
             # The console session clears and redraws the bar around each of its lines (the
@@ -525,8 +595,11 @@ class Trainer:
         if getattr(self, "bar", None) is not None:
             run_console.attach_progress_bar(None)
             self.bar.close()
-        closers = [getattr(self, "generator", None) or getattr(self, "backend", None), getattr(self, "rewards", None),
-                   getattr(self, "log", None)]
+        closers = [
+            getattr(self, "generator", None) or getattr(self, "backend", None),
+            getattr(self, "rewards", None),
+            getattr(self, "log", None),
+        ]
         for closer in closers:
             if closer is not None:
                 try:
@@ -536,6 +609,7 @@ class Trainer:
 
 
 def train(cfg: IGRPOConfig, console=run_console.echo) -> TrainResult:
-    logging.basicConfig(level=os.environ.get("IGRPO_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("IGRPO_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return Trainer(cfg, console=console).run()

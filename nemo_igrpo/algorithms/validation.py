@@ -19,7 +19,9 @@ def probe_drafts(cfg: AlgorithmConfig) -> int:
     return max(2, math.ceil(cfg.num_drafts / 2))
 
 
-def algorithm_config_problems(cfg: AlgorithmConfig, generation=None, *, import_plugins: bool = True) -> list[tuple[str, str]]:
+def algorithm_config_problems(
+    cfg: AlgorithmConfig, generation=None, *, import_plugins: bool = True
+) -> list[tuple[str, str]]:
     """All problems with `cfg`; `generation` (a GenerationConfig) enables the length checks.
 
     The advantage, policy loss, aggregation and KL estimator accept a registered name or a
@@ -54,8 +56,12 @@ def algorithm_config_problems(cfg: AlgorithmConfig, generation=None, *, import_p
         bad("refinement_rounds", "extra refinement rounds refine a draft: they need algorithm.num_drafts > 0")
     choice("tie_break", cfg.tie_break, TIE_BREAK_RULES)
     choice("all_zero_drafts", cfg.all_zero_drafts, ALL_ZERO_POLICIES)
-    for key, registry in (("advantage", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
-                          ("loss_aggregation", LOSS_AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
+    for key, registry in (
+        ("advantage", ADVANTAGE_ESTIMATORS),
+        ("policy_loss", POLICY_LOSSES),
+        ("loss_aggregation", LOSS_AGGREGATIONS),
+        ("kl_estimator", KL_ESTIMATORS),
+    ):
         problem = registry.problem(getattr(cfg, key), import_paths=import_plugins)
         if problem is not None:
             bad(key, problem)

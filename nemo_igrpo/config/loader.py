@@ -210,8 +210,9 @@ def _undeclared_group(path: Path, override: str) -> Optional[Path]:
     return None
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
-                import_reward_terms: bool = True) -> IGRPOConfig:
+def load_config(
+    path: str | os.PathLike, overrides: Iterable[str] = (), *, import_reward_terms: bool = True
+) -> IGRPOConfig:
     """Compose, check required values, resolve interpolations, validate, and return typed objects.
 
     import_reward_terms=False: do not import `module:function` reward terms (for tools that only
@@ -224,7 +225,9 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
         msg = str(getattr(e, "msg", None) or e).splitlines()[0]
         raise ConfigError(f"{path}: cannot resolve interpolation at '{key}': {msg}") from None
     if missing:
-        raise ConfigError(f"{path}: required value(s) missing: {', '.join(missing)} (set them in the file or as key=value)")
+        raise ConfigError(
+            f"{path}: required value(s) missing: {', '.join(missing)} (set them in the file or as key=value)"
+        )
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:

@@ -28,8 +28,12 @@ def _model_heads(cfg: IGRPOConfig) -> Optional[tuple[int, int, str, str]]:
     model = cfg.policy.model
     if not model.hf_path:
         tiny = model.tiny
-        return (tiny.num_attention_heads, tiny.num_query_groups,
-                "policy.model.tiny.num_attention_heads", "policy.model.tiny.num_query_groups")
+        return (
+            tiny.num_attention_heads,
+            tiny.num_query_groups,
+            "policy.model.tiny.num_attention_heads",
+            "policy.model.tiny.num_query_groups",
+        )
     config_json = Path(model.hf_path) / "config.json"
     try:
         data = json.loads(config_json.read_text())
@@ -58,11 +62,19 @@ def _check_tensor_parallel(source: str, key: str, tp: int, heads: tuple[int, int
         return  # reported by the ">= 1" check
     allowed = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and (num_kv % d == 0 or d % num_kv == 0)]
     if num_heads % tp:
-        _fail(source, key, f"{tp} does not divide the model's {num_heads} attention heads ({heads_where}); "
-              f"{what} needs a tensor parallel size among {allowed}")
+        _fail(
+            source,
+            key,
+            f"{tp} does not divide the model's {num_heads} attention heads ({heads_where}); "
+            f"{what} needs a tensor parallel size among {allowed}",
+        )
     if num_kv % tp and tp % num_kv:
-        _fail(source, key, f"{tp} and the model's {num_kv} key/value heads ({kv_where}) must divide one another; "
-              f"{what} needs a tensor parallel size among {allowed}")
+        _fail(
+            source,
+            key,
+            f"{tp} and the model's {num_kv} key/value heads ({kv_where}) must divide one another; "
+            f"{what} needs a tensor parallel size among {allowed}",
+        )
 
 
 def validate_config(cfg: IGRPOConfig, source: str = "config", import_reward_terms: bool = True) -> None:
@@ -90,8 +102,9 @@ def validate_config(cfg: IGRPOConfig, source: str = "config", import_reward_term
     if heads is not None:
         _check_tensor_parallel(source, "policy.tensor_parallel_size", p.tensor_parallel_size, heads, "megatron-core")
         if cfg.generation.backend == "vllm":  # the colocated engine is built in this job with this TP
-            _check_tensor_parallel(source, "generation.vllm.tensor_parallel_size",
-                                   cfg.generation.vllm.tensor_parallel_size, heads, "vLLM")
+            _check_tensor_parallel(
+                source, "generation.vllm.tensor_parallel_size", cfg.generation.vllm.tensor_parallel_size, heads, "vLLM"
+            )
 
     g = cfg.generation
     if not (g.temperature >= 0):
@@ -103,9 +116,12 @@ def validate_config(cfg: IGRPOConfig, source: str = "config", import_reward_term
     if g.data_parallel and g.backend == "vllm" and g.vllm.tensor_parallel_size != 1:
         # One engine per GPU under torchrun (generation/data_parallel.py); a single-process run
         # is unaffected, but the same config must work when launched on a node.
-        _fail(source, "generation.vllm.tensor_parallel_size",
-              f"{g.vllm.tensor_parallel_size} with generation.data_parallel=true: every GPU runs its own vLLM engine "
-              "(tensor parallel size 1); set generation.data_parallel=false for one engine spanning several GPUs")
+        _fail(
+            source,
+            "generation.vllm.tensor_parallel_size",
+            f"{g.vllm.tensor_parallel_size} with generation.data_parallel=true: every GPU runs its own vLLM engine "
+            "(tensor parallel size 1); set generation.data_parallel=false for one engine spanning several GPUs",
+        )
     # The backends' own checks (sync paths, server limits, vLLM settings), at load time rather
     # than minutes later when the engine starts.
     from nemo_igrpo.generation.common import check_generation_config

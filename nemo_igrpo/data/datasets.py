@@ -73,7 +73,9 @@ def _rows_table(path: Path, split: str) -> Iterator[tuple[int, dict]]:
             raise DataError(f"{path}: cannot load as a saved Hugging Face dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{path}: split '{split}' not found (available: {', '.join(ds.keys())}); set data.split")
+                raise DataError(
+                    f"{path}: split '{split}' not found (available: {', '.join(ds.keys())}); set data.split"
+                )
             ds = ds[split]
         rows = ds.to_list()
     else:
@@ -100,8 +102,9 @@ def _prompt_text(value: Any, where: str, key: str) -> str:
     raise DataError(f"{where}: field '{key}' (data.prompt_key) is a {type(value).__name__}, expected a string{hint}")
 
 
-def load_problems(path: str | Path, prompt_key: str, answer_key: str, split: str = "train",
-                  limit: Optional[int] = None) -> list[Problem]:
+def load_problems(
+    path: str | Path, prompt_key: str, answer_key: str, split: str = "train", limit: Optional[int] = None
+) -> list[Problem]:
     """Load and validate every row; the row label in errors is the JSONL line or table row."""
     path = Path(path)
     if not path.exists():
@@ -111,19 +114,32 @@ def load_problems(path: str | Path, prompt_key: str, answer_key: str, split: str
     elif path.suffix == ".parquet" or path.is_dir():
         rows, label = _rows_table(path, split), "row"
     else:
-        raise DataError(f"{path}: unsupported dataset format (use .jsonl, .parquet or a saved Hugging Face dataset folder)")
+        raise DataError(
+            f"{path}: unsupported dataset format (use .jsonl, .parquet or a saved Hugging Face dataset folder)"
+        )
     problems: list[Problem] = []
     source = str(path)  # one string shared by every row (a million rows, one copy)
     for n, row in rows:
         for key, what in ((prompt_key, "data.prompt_key"), (answer_key, "data.answer_key")):
             if key not in row:
-                raise DataError(f"{path}: {label} {n}: missing field '{key}' ({what}); fields present: {', '.join(sorted(row))}")
+                raise DataError(
+                    f"{path}: {label} {n}: missing field '{key}' ({what}); fields present: {', '.join(sorted(row))}"
+                )
             if row[key] is None or (isinstance(row[key], str) and not row[key].strip()):
                 raise DataError(f"{path}: {label} {n}: field '{key}' ({what}) is empty")
         prompt = _prompt_text(row[prompt_key], f"{path}: {label} {n}", prompt_key)
         extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
-        problems.append(Problem(index=len(problems), prompt=prompt, answer=row[answer_key], extra=extra or None,
-                                source=source, row=n, row_label=label))
+        problems.append(
+            Problem(
+                index=len(problems),
+                prompt=prompt,
+                answer=row[answer_key],
+                extra=extra or None,
+                source=source,
+                row=n,
+                row_label=label,
+            )
+        )
         if limit is not None and len(problems) >= limit:
             break
     if not problems:

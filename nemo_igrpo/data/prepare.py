@@ -200,37 +200,90 @@ def _add(fmt: DatasetFormat) -> None:
     FORMATS[fmt.name] = fmt
 
 
-_add(DatasetFormat(
-    "math", "MATH", "hendrycks MATH (EleutherAI/hendrycks_math, lighteval): problem, solution with \\boxed{}, level, type",
-    prompt_fields=("problem", "question"), answer_fields=(("solution", "boxed"), ("answer", "plain")),
-    split_preference=("train", "test"), aliases=("hendrycks_math", "competition_math")))
-_add(DatasetFormat(
-    "acereason_math", "AceReason-Math", "nvidia/AceReason-Math: problem, answer",
-    prompt_fields=("problem", "question"), answer_fields=(("answer", "plain"), ("solution", "boxed")),
-    split_preference=("train",), aliases=("acereason", "acereason-math")))
-_add(DatasetFormat(
-    "math500", "MATH500", "HuggingFaceH4/MATH-500: problem, solution, answer, subject, level, unique_id",
-    prompt_fields=("problem",), answer_fields=(("answer", "plain"), ("solution", "boxed")),
-    aliases=("math-500", "math_500")))
-_add(DatasetFormat(
-    "aime24", "AIME24", "AI-MO/aimo-validation-aime, Maxwell-Jia/AIME_2024, HuggingFaceH4/aime_2024: problem/Problem, answer/Answer",
-    prompt_fields=("problem", "question"), answer_fields=(("answer", "number"),),
-    year=2024, aliases=("aime2024", "aime_2024")))
-_add(DatasetFormat(
-    "aime25", "AIME25", "yentinglin/aime_2025, opencompass/AIME2025, math-ai/aime25: problem or question, answer",
-    prompt_fields=("problem", "question"), answer_fields=(("answer", "number"),),
-    year=2025, aliases=("aime2025", "aime_2025")))
-_add(DatasetFormat(
-    "amc23", "AMC", "AI-MO/aimo-validation-amc, math-ai/amc23: problem or question, answer (e.g. 27.0), url",
-    prompt_fields=("problem", "question"), answer_fields=(("answer", "number"),),
-    year=2023, aliases=("amc", "amc2023", "amc_2023")))
-_add(DatasetFormat(
-    "gsm8k", "GSM8K", "openai/gsm8k (main): question, answer ending '#### 42'",
-    prompt_fields=("question", "problem"), answer_fields=(("answer", "gsm8k"),)))
-_add(DatasetFormat(
-    "minerva_math", "Minerva", "math-ai/minervamath: question, answer (or problem, solution with \\boxed{})",
-    prompt_fields=("question", "problem"), answer_fields=(("answer", "plain"), ("solution", "boxed")),
-    aliases=("minerva", "minervamath", "minerva-math")))
+_add(
+    DatasetFormat(
+        "math",
+        "MATH",
+        "hendrycks MATH (EleutherAI/hendrycks_math, lighteval): problem, solution with \\boxed{}, level, type",
+        prompt_fields=("problem", "question"),
+        answer_fields=(("solution", "boxed"), ("answer", "plain")),
+        split_preference=("train", "test"),
+        aliases=("hendrycks_math", "competition_math"),
+    )
+)
+_add(
+    DatasetFormat(
+        "acereason_math",
+        "AceReason-Math",
+        "nvidia/AceReason-Math: problem, answer",
+        prompt_fields=("problem", "question"),
+        answer_fields=(("answer", "plain"), ("solution", "boxed")),
+        split_preference=("train",),
+        aliases=("acereason", "acereason-math"),
+    )
+)
+_add(
+    DatasetFormat(
+        "math500",
+        "MATH500",
+        "HuggingFaceH4/MATH-500: problem, solution, answer, subject, level, unique_id",
+        prompt_fields=("problem",),
+        answer_fields=(("answer", "plain"), ("solution", "boxed")),
+        aliases=("math-500", "math_500"),
+    )
+)
+_add(
+    DatasetFormat(
+        "aime24",
+        "AIME24",
+        "AI-MO/aimo-validation-aime, Maxwell-Jia/AIME_2024, HuggingFaceH4/aime_2024: problem/Problem, answer/Answer",
+        prompt_fields=("problem", "question"),
+        answer_fields=(("answer", "number"),),
+        year=2024,
+        aliases=("aime2024", "aime_2024"),
+    )
+)
+_add(
+    DatasetFormat(
+        "aime25",
+        "AIME25",
+        "yentinglin/aime_2025, opencompass/AIME2025, math-ai/aime25: problem or question, answer",
+        prompt_fields=("problem", "question"),
+        answer_fields=(("answer", "number"),),
+        year=2025,
+        aliases=("aime2025", "aime_2025"),
+    )
+)
+_add(
+    DatasetFormat(
+        "amc23",
+        "AMC",
+        "AI-MO/aimo-validation-amc, math-ai/amc23: problem or question, answer (e.g. 27.0), url",
+        prompt_fields=("problem", "question"),
+        answer_fields=(("answer", "number"),),
+        year=2023,
+        aliases=("amc", "amc2023", "amc_2023"),
+    )
+)
+_add(
+    DatasetFormat(
+        "gsm8k",
+        "GSM8K",
+        "openai/gsm8k (main): question, answer ending '#### 42'",
+        prompt_fields=("question", "problem"),
+        answer_fields=(("answer", "gsm8k"),),
+    )
+)
+_add(
+    DatasetFormat(
+        "minerva_math",
+        "Minerva",
+        "math-ai/minervamath: question, answer (or problem, solution with \\boxed{})",
+        prompt_fields=("question", "problem"),
+        answer_fields=(("answer", "plain"), ("solution", "boxed")),
+        aliases=("minerva", "minervamath", "minerva-math"),
+    )
+)
 
 _ID_FIELDS = ("unique_id", "id", "idx", "problem_id", "index")
 
@@ -301,7 +354,9 @@ def _choose_split(available: Sequence[str], split: Optional[str], fmt: DatasetFo
     for s in fmt.split_preference:
         if s in available:
             return s
-    raise DataError(f"{where}: several splits ({', '.join(available)}) and none of {list(fmt.split_preference)}; pass --split")
+    raise DataError(
+        f"{where}: several splits ({', '.join(available)}) and none of {list(fmt.split_preference)}; pass --split"
+    )
 
 
 def _saved_dataset(path: Path, split: Optional[str], fmt: DatasetFormat) -> _Rows:
@@ -325,8 +380,13 @@ _DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 def _folder_files(path: Path, split: Optional[str], fmt: DatasetFormat) -> list[Path]:
     """Data files of a hub snapshot folder, restricted to one split when the names say which."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in _DATA_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
         raise DataError(f"{path}: no saved Hugging Face dataset and no .parquet/.jsonl/.json files in this folder")
 
@@ -362,7 +422,9 @@ def read_sources(src: str | os.PathLike, fmt: DatasetFormat, split: Optional[str
         elif f.suffix in (".jsonl", ".json"):
             out.append(_json_file(f))
         else:
-            raise DataError(f"{f}: unsupported format (use a saved Hugging Face dataset folder, .parquet, .jsonl or .json)")
+            raise DataError(
+                f"{f}: unsupported format (use a saved Hugging Face dataset folder, .parquet, .jsonl or .json)"
+            )
     return out
 
 
@@ -413,17 +475,20 @@ class PrepareResult:
         return "; ".join(parts)
 
 
-def _convert_row(row: dict, fmt: DatasetFormat, where: str, prompt_key: str, answer_key: str,
-                 fallback_id: str) -> dict:
+def _convert_row(row: dict, fmt: DatasetFormat, where: str, prompt_key: str, answer_key: str, fallback_id: str) -> dict:
     fields_found = ", ".join(map(str, row)) or "none"
     prompt_field = next((k for k in map(lambda f: _field(row, f), fmt.prompt_fields) if k is not None), None)
     if prompt_field is None:
-        raise DataError(f"{where}: no problem field for {fmt.name} (looked for {' / '.join(fmt.prompt_fields)}, "
-                        f"any case); fields found: {fields_found}")
+        raise DataError(
+            f"{where}: no problem field for {fmt.name} (looked for {' / '.join(fmt.prompt_fields)}, "
+            f"any case); fields found: {fields_found}"
+        )
     prompt = row[prompt_field]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field '{prompt_field}' is {'empty' if isinstance(prompt, str) else type(prompt).__name__}, "
-                        "expected the problem text")
+        raise DataError(
+            f"{where}: field '{prompt_field}' is {'empty' if isinstance(prompt, str) else type(prompt).__name__}, "
+            "expected the problem text"
+        )
     present = [(k, kind) for k, kind in ((_field(row, f), kind) for f, kind in fmt.answer_fields) if k is not None]
     if not present:
         wanted = " / ".join(f"{f} ({_EXTRACTORS[kind][1]})" for f, kind in fmt.answer_fields)
@@ -443,14 +508,28 @@ def _convert_row(row: dict, fmt: DatasetFormat, where: str, prompt_key: str, ans
     out["source"] = fmt.name
     for meta in fmt.metadata_fields:
         key = _field(row, meta)
-        if key is not None and meta not in out and isinstance(row[key], (str, int, float)) and not isinstance(row[key], bool):
+        if (
+            key is not None
+            and meta not in out
+            and isinstance(row[key], (str, int, float))
+            and not isinstance(row[key], bool)
+        ):
             out[meta] = row[key]
     return out
 
 
-def prepare_dataset(name: str, src: str | os.PathLike, out: str | os.PathLike, *, split: Optional[str] = None,
-                    limit: Optional[int] = None, prompt_key: str = "problem", answer_key: str = "answer",
-                    all_years: bool = False, skip_bad_rows: bool = False) -> PrepareResult:
+def prepare_dataset(
+    name: str,
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: Optional[str] = None,
+    limit: Optional[int] = None,
+    prompt_key: str = "problem",
+    answer_key: str = "answer",
+    all_years: bool = False,
+    skip_bad_rows: bool = False,
+) -> PrepareResult:
     """Convert dataset `name` read from `src` into the project's JSONL at `out`.
 
     `out` is a .jsonl file, or a folder that gets `<name>.jsonl` (the layout the evaluation
@@ -459,7 +538,9 @@ def prepare_dataset(name: str, src: str | os.PathLike, out: str | os.PathLike, *
     the result) instead of failing on the first one."""
     fmt = find_format(name)
     if prompt_key == answer_key or "id" in (prompt_key, answer_key) or "source" in (prompt_key, answer_key):
-        raise DataError(f"--prompt-key {prompt_key!r} / --answer-key {answer_key!r}: must differ from each other and from 'id', 'source'")
+        raise DataError(
+            f"--prompt-key {prompt_key!r} / --answer-key {answer_key!r}: must differ from each other and from 'id', 'source'"
+        )
     out_path = Path(out)
     if out_path.suffix != ".jsonl":
         out_path = out_path / f"{fmt.name}.jsonl"
@@ -514,8 +595,16 @@ def run_data_cli(args) -> int:
     if args.data_command == "list":
         print(describe_formats())
         return 0
-    result = prepare_dataset(args.name, args.source, args.output, split=args.split, limit=args.limit,
-                             prompt_key=args.prompt_key, answer_key=args.answer_key, all_years=args.all_years,
-                             skip_bad_rows=args.skip_bad_rows)
+    result = prepare_dataset(
+        args.name,
+        args.source,
+        args.output,
+        split=args.split,
+        limit=args.limit,
+        prompt_key=args.prompt_key,
+        answer_key=args.answer_key,
+        all_years=args.all_years,
+        skip_bad_rows=args.skip_bad_rows,
+    )
     print(result.summary())
     return 0

@@ -21,6 +21,7 @@ Correctness (held-out accuracy, `correct` in the metrics) is "both parts right":
 manager counts a sample correct when the correctness term is > 0.5, and with two parts only
 1.0 is. The held-out problems combine only held-out max pairs, never trained on.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,9 @@ def write_jsonl(problems: list[tuple[Pair, Pair]], path: Path) -> Path:
     return path
 
 
-def write_pairs_data(out_dir: Path, seed: int = 0, num_eval_pairs: int = 256, num_train: int = 8000,
-                     num_eval: int = 256) -> tuple[Path, Path]:
+def write_pairs_data(
+    out_dir: Path, seed: int = 0, num_eval_pairs: int = 256, num_train: int = 8000, num_eval: int = 256
+) -> tuple[Path, Path]:
     """Train problems from the max demo's training pairs, held-out problems from its held-out
     pairs (the same split, so the warm start, fine-tuned from the max model, never saw them)."""
     train_pairs, held_pairs = split_pairs(seed, num_eval_pairs)

@@ -8,6 +8,7 @@ natural systematic mistake that a warm-started model makes and reinforcement lea
 remove: comparing the last digits instead of the whole numbers (max(38,45) -> 38).
 Everything is generated from a seed, so the data are identical on every machine.
 """
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ CPU cores, so the repository ships the result of
 the demo copies it when its key matches these settings; with other settings, or with the
 asset deleted, the demo trains it here (slow but identical code).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,14 +80,25 @@ def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) ->
     if (shipped / "WARM_START_DONE").exists():
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(shipped, out_dir)
-        log(f"[demo] warm start: using the shipped model {shipped.name} (made by `python -m nemo_igrpo.demo.warm_start`)")
+        log(
+            f"[demo] warm start: using the shipped model {shipped.name} (made by `python -m nemo_igrpo.demo.warm_start`)"
+        )
         return out_dir
     start = time.time()
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    make_tiny_hf_model(tmp_dir, arch="llama", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_attention_heads=2, num_key_value_heads=1,
-                       vocab_size=128, max_position_embeddings=512, seed=cfg.seed)
+    make_tiny_hf_model(
+        tmp_dir,
+        arch="llama",
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        max_position_embeddings=512,
+        seed=cfg.seed,
+    )
     tok = AutoTokenizer.from_pretrained(tmp_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32).to(device)
@@ -95,8 +107,7 @@ def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) ->
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
     eos = tok.eos_token
     for step in range(cfg.steps):
         ids, labels = [], []
@@ -153,8 +164,13 @@ def main() -> None:
     args = p.parse_args()
     template = DraftTemplateConfig(system_prompt=None, draft_wrapper=DEMO_DRAFT_WRAPPER)
     with tempfile.TemporaryDirectory() as tmp:
-        builder = PromptBuilder(make_char_tokenizer(Path(tmp) / "tok"), template, max_prompt_tokens=160,
-                                max_new_tokens=24, apply_chat_template=False)
+        builder = PromptBuilder(
+            make_char_tokenizer(Path(tmp) / "tok"),
+            template,
+            max_prompt_tokens=160,
+            max_new_tokens=24,
+            apply_chat_template=False,
+        )
 
         def render(problem, draft):
             return builder.render(problem if draft is None else fill_wrapper(template.draft_wrapper, problem, draft))

@@ -11,6 +11,7 @@ the label) in the refinement template, so the prompt shape is familiar but its u
 Cached under a key of every setting and of the base model's key; `python -m
 nemo_igrpo.demo.warm_start_pairs` writes it into nemo_igrpo/demo/assets/ to ship it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ class PairsWarmStartConfig:
 
 
 def cache_key(cfg: PairsWarmStartConfig, base_dir: Path, chat_prefix: str) -> str:
-    blob = json.dumps({**asdict(cfg), "base": Path(base_dir).name, "template": chat_prefix, "task": "max2",
-                       "version": 1}, sort_keys=True)
+    blob = json.dumps(
+        {**asdict(cfg), "base": Path(base_dir).name, "template": chat_prefix, "task": "max2", "version": 1},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -92,8 +95,10 @@ def warm_start_pairs(out_root: Path, base_dir: Path, cfg: PairsWarmStartConfig, 
                 parts = [correct_answer(*x) if rng.random() < 0.5 else units_digit_mistake(*x) for x in (p, q)]
                 draft = answer_text(*parts)
             prompt = tok.encode(build_prompt(problem_text(p, q), draft), add_special_tokens=False)
-            target = tok.encode(answer_text(_part(*p, rng, cfg.mistake_rate), _part(*q, rng, cfg.mistake_rate)) + eos,
-                                add_special_tokens=False)
+            target = tok.encode(
+                answer_text(_part(*p, rng, cfg.mistake_rate), _part(*q, rng, cfg.mistake_rate)) + eos,
+                add_special_tokens=False,
+            )
             ids.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
         width = max(map(len, ids))
@@ -132,8 +137,11 @@ def main() -> None:
     p.add_argument("--out", default=str(ASSETS))
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     args = p.parse_args()
-    model = Path(next(o for o in prepare_demo("max2", TASKS["max2"], args.cache_dir)
-                      if o.startswith("policy.model.hf_path=")).split("=", 1)[1])
+    model = Path(
+        next(
+            o for o in prepare_demo("max2", TASKS["max2"], args.cache_dir) if o.startswith("policy.model.hf_path=")
+        ).split("=", 1)[1]
+    )
     target = Path(args.out) / model.name
     if target.resolve() != model.resolve():
         shutil.rmtree(target, ignore_errors=True)

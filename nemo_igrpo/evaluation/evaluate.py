@@ -2,6 +2,7 @@
 problem at the paper's evaluation settings (T = 0.6, top-p 0.95), Pass@1 averaged over the k
 samples, and unbiased pass@k. Used by the trainer (periodic held-out accuracy) and by
 `igrpo eval` (benchmark files, a run's checkpoint or a Hugging Face directory)."""
+
 from __future__ import annotations
 
 import json
@@ -43,34 +44,64 @@ class EvalResult:
         return out
 
 
-def evaluate(backend: GenerationBackend, prompt_builder, reward_manager, problems: Sequence[Problem],
-             cfg: EvalConfig, *, max_new_tokens: int, stop_token_ids: Sequence[int] = (), seed: int = 0,
-             name: str = "eval", num_examples: int = 3) -> EvalResult:
+def evaluate(
+    backend: GenerationBackend,
+    prompt_builder,
+    reward_manager,
+    problems: Sequence[Problem],
+    cfg: EvalConfig,
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    name: str = "eval",
+    num_examples: int = 3,
+) -> EvalResult:
     if not problems:
         raise UserError(f"{name}: no problems to evaluate")
     start = time.time()
     prompts = [prompt_builder.plain(p.prompt, p.index, where=p.location) for p in problems]
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.num_samples,
-                            max_new_tokens=cfg.max_new_tokens or max_new_tokens,
-                            stop_token_ids=list(stop_token_ids), seed=seed + EVAL_SEED_OFFSET)
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        n=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens or max_new_tokens,
+        stop_token_ids=list(stop_token_ids),
+        seed=seed + EVAL_SEED_OFFSET,
+    )
     results = backend.generate(prompts, params)
     samples, lengths = [], []
     for prob, outs in zip(problems, results):
         for out in outs:
-            samples.append(RewardSample(prompt=prob.prompt, response=out.text, reference=prob.answer,
-                                        metadata=dict(prob.extra or {})))
+            samples.append(
+                RewardSample(
+                    prompt=prob.prompt, response=out.text, reference=prob.answer, metadata=dict(prob.extra or {})
+                )
+            )
             lengths.append(len(out.token_ids))
     scored = reward_manager.score(samples)
     n = cfg.num_samples
-    correct_counts = [int(scored.correct[i * n:(i + 1) * n].sum()) for i in range(len(problems))]
+    correct_counts = [int(scored.correct[i * n : (i + 1) * n].sum()) for i in range(len(problems))]
     pass_k = {k: mean_pass_at_k(correct_counts, n, k) for k in sorted(set(cfg.pass_k)) if k <= n}
-    examples = [{"problem": problems[i].prompt, "answer": str(problems[i].answer),
-                 "response": results[i][0].text, "correct": bool(scored.correct[i * n])}
-                for i in range(min(num_examples, len(problems)))]
-    return EvalResult(name=name, num_problems=len(problems), num_samples=n,
-                      accuracy=sum(correct_counts) / (n * len(problems)), pass_at_k=pass_k,
-                      mean_response_length=sum(lengths) / len(lengths), seconds=time.time() - start,
-                      examples=examples)
+    examples = [
+        {
+            "problem": problems[i].prompt,
+            "answer": str(problems[i].answer),
+            "response": results[i][0].text,
+            "correct": bool(scored.correct[i * n]),
+        }
+        for i in range(min(num_examples, len(problems)))
+    ]
+    return EvalResult(
+        name=name,
+        num_problems=len(problems),
+        num_samples=n,
+        accuracy=sum(correct_counts) / (n * len(problems)),
+        pass_at_k=pass_k,
+        mean_response_length=sum(lengths) / len(lengths),
+        seconds=time.time() - start,
+        examples=examples,
+    )
 
 
 def format_table(results: Sequence[EvalResult]) -> str:
@@ -78,9 +109,11 @@ def format_table(results: Sequence[EvalResult]) -> str:
     head = ["benchmark", "problems", "samples", "pass@1 (avg)"] + [f"pass@{k}" for k in ks if k != 1] + ["len"]
     rows = [head]
     for r in results:
-        rows.append([r.name, str(r.num_problems), str(r.num_samples), f"{100 * r.accuracy:.1f}"]
-                    + [f"{100 * r.pass_at_k[k]:.1f}" if k in r.pass_at_k else "-" for k in ks if k != 1]
-                    + [f"{r.mean_response_length:.0f}"])
+        rows.append(
+            [r.name, str(r.num_problems), str(r.num_samples), f"{100 * r.accuracy:.1f}"]
+            + [f"{100 * r.pass_at_k[k]:.1f}" if k in r.pass_at_k else "-" for k in ks if k != 1]
+            + [f"{r.mean_response_length:.0f}"]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -140,10 +173,13 @@ class EvalModel:
             from nemo_igrpo.generation.factory import build_generation_backend
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            self.builder = PromptBuilder(self.tokenizer, cfg.algorithm.template,
-                                         max_prompt_tokens=cfg.generation.max_prompt_tokens,
-                                         max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-                                         apply_chat_template=cfg.data.apply_chat_template)
+            self.builder = PromptBuilder(
+                self.tokenizer,
+                cfg.algorithm.template,
+                max_prompt_tokens=cfg.generation.max_prompt_tokens,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+                apply_chat_template=cfg.data.apply_chat_template,
+            )
             if cfg.generation.backend == "megatron":
                 # The in-framework backend generates with the policy itself: the actor that
                 # exported a dist-checkpoint already holds its weights; otherwise load the HF dir.
@@ -163,9 +199,17 @@ class EvalModel:
         return MegatronActor(policy, seed=self.cfg.seed, total_steps=max(1, self.cfg.trainer.max_steps))
 
     def evaluate(self, rewards, problems: Sequence[Problem], eval_cfg: EvalConfig, name: str) -> EvalResult:
-        return evaluate(self.backend, self.builder, rewards, problems, eval_cfg,
-                        max_new_tokens=self.cfg.generation.max_new_tokens,
-                        stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.seed, name=name)
+        return evaluate(
+            self.backend,
+            self.builder,
+            rewards,
+            problems,
+            eval_cfg,
+            max_new_tokens=self.cfg.generation.max_new_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=self.cfg.seed,
+            name=name,
+        )
 
     def close(self) -> None:
         import shutil
@@ -217,12 +261,19 @@ def _run_eval(args, cfg) -> int:
 
     checkpoints = _checkpoints(args)
     if len(checkpoints) > 1:
-        raise UserError("several --checkpoint values compare models side by side: that needs --suite (e.g. --suite paper)")
+        raise UserError(
+            "several --checkpoint values compare models side by side: that needs --suite (e.g. --suite paper)"
+        )
     benchmarks = list(args.benchmark) or ([cfg.data.eval_path] if cfg.data.eval_path else [])
     if not benchmarks:
         raise UserError("no benchmark: pass --benchmark FILE.jsonl or set data.eval_path")
-    sets = [(Path(b).stem, load_problems(b, cfg.data.prompt_key, cfg.data.answer_key, split="test",
-                                         limit=cfg.data.max_eval_samples)) for b in benchmarks]
+    sets = [
+        (
+            Path(b).stem,
+            load_problems(b, cfg.data.prompt_key, cfg.data.answer_key, split="test", limit=cfg.data.max_eval_samples),
+        )
+        for b in benchmarks
+    ]
     source = checkpoints[0] if checkpoints else cfg.policy.model.hf_path
     if not source:
         raise UserError("no model: pass --checkpoint (HF dir, run dir or checkpoint) or set policy.model.hf_path")
@@ -233,8 +284,20 @@ def _run_eval(args, cfg) -> int:
     echo(format_table(results))
     out = Path(args.output) if args.output else Path(cfg.run.dir) / "eval" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": source, "settings": {"temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-                                                            "num_samples": cfg.eval.num_samples},
-                               "results": [r.__dict__ for r in results]}, indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "model": source,
+                "settings": {
+                    "temperature": cfg.eval.temperature,
+                    "top_p": cfg.eval.top_p,
+                    "num_samples": cfg.eval.num_samples,
+                },
+                "results": [r.__dict__ for r in results],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     echo(f"wrote {out}")
     return 0

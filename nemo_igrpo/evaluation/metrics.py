@@ -1,6 +1,7 @@
 """Pass@k, computed the unbiased way (Chen et al., 2021): with n samples of which c are
 correct, pass@k = 1 - C(n-c, k) / C(n, k), averaged over problems. Pass@1 is then the mean
 accuracy over the n samples, which is what the paper reports (n = 4 at T = 0.6)."""
+
 from __future__ import annotations
 
 from math import comb

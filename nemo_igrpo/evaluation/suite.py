@@ -57,14 +57,17 @@ class EvalSuite:
 
 def paper_suite() -> EvalSuite:
     """The paper's table: its column order, its sample counts."""
-    return EvalSuite("paper", [
-        SuiteBenchmark("aime25", "AIME25", 64),
-        SuiteBenchmark("aime24", "AIME24", 64),
-        SuiteBenchmark("math500", "MATH500", 8),
-        SuiteBenchmark("amc23", "AMC", 8),
-        SuiteBenchmark("gsm8k", "GSM8K", 8),
-        SuiteBenchmark("minerva_math", "Minerva", 8),
-    ])
+    return EvalSuite(
+        "paper",
+        [
+            SuiteBenchmark("aime25", "AIME25", 64),
+            SuiteBenchmark("aime24", "AIME24", 64),
+            SuiteBenchmark("math500", "MATH500", 8),
+            SuiteBenchmark("amc23", "AMC", 8),
+            SuiteBenchmark("gsm8k", "GSM8K", 8),
+            SuiteBenchmark("minerva_math", "Minerva", 8),
+        ],
+    )
 
 
 SUITES = {"paper": paper_suite}
@@ -93,7 +96,9 @@ def load_suite(name_or_path: str) -> EvalSuite:
             raise UserError(f"{path}: benchmarks[{i}]: expected a mapping with a 'name'")
         extra = set(b) - {"name", "title", "num_samples", "file"}
         if extra:
-            raise UserError(f"{path}: benchmarks[{i}]: unknown key(s) {sorted(extra)} (known: name, title, num_samples, file)")
+            raise UserError(
+                f"{path}: benchmarks[{i}]: unknown key(s) {sorted(extra)} (known: name, title, num_samples, file)"
+            )
         n = b.get("num_samples", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise UserError(f"{path}: benchmarks[{i}].num_samples: must be an integer >= 1, got {n!r}")
@@ -101,8 +106,12 @@ def load_suite(name_or_path: str) -> EvalSuite:
         if file is not None and not Path(file).is_absolute():
             file = str(path.parent / file)  # relative to the suite file, not the working directory
         benchmarks.append(SuiteBenchmark(b["name"], str(b.get("title", b["name"])), n, file))
-    suite = EvalSuite(str(doc.get("name", path.stem)), benchmarks,
-                      temperature=float(doc.get("temperature", 0.6)), top_p=float(doc.get("top_p", 0.95)))
+    suite = EvalSuite(
+        str(doc.get("name", path.stem)),
+        benchmarks,
+        temperature=float(doc.get("temperature", 0.6)),
+        top_p=float(doc.get("top_p", 0.95)),
+    )
     if not suite.temperature >= 0 or not 0 < suite.top_p <= 1:
         raise UserError(f"{path}: temperature must be >= 0 and top_p in (0, 1]")
     return suite
@@ -114,8 +123,9 @@ def one_line(e: BaseException) -> str:
 
 def apply_options(suite: EvalSuite, *, samples: Sequence[str] = (), only: Optional[str] = None) -> EvalSuite:
     """--benchmarks a,b (a subset, kept in the suite's order) and --samples N | NAME=N."""
-    suite = dataclasses.replace(suite, benchmarks=[dataclasses.replace(b) for b in suite.benchmarks],
-                                deviations=list(suite.deviations))
+    suite = dataclasses.replace(
+        suite, benchmarks=[dataclasses.replace(b) for b in suite.benchmarks], deviations=list(suite.deviations)
+    )
     names = [b.name for b in suite.benchmarks]
     if only:
         wanted = [w.strip() for w in only.split(",") if w.strip()]
@@ -187,33 +197,56 @@ class SuiteReport:
         head = ["model"] + [b.title for b in self.suite.benchmarks] + ["Average"]
         rows = [head]
         for r in self.rows:
-            rows.append([r.label] + [f"{100 * r.results[b.name].accuracy:.2f}" for b in self.suite.benchmarks]
-                        + [f"{100 * r.average:.2f}"])
+            rows.append(
+                [r.label]
+                + [f"{100 * r.results[b.name].accuracy:.2f}" for b in self.suite.benchmarks]
+                + [f"{100 * r.average:.2f}"]
+            )
         diff = self.difference()
         if diff is not None:
-            rows.append([f"{self.rows[1].label} - {self.rows[0].label}"]
-                        + [f"{100 * diff[b.name]:+.2f}" for b in self.suite.benchmarks] + [f"{100 * diff['average']:+.2f}"])
+            rows.append(
+                [f"{self.rows[1].label} - {self.rows[0].label}"]
+                + [f"{100 * diff[b.name]:+.2f}" for b in self.suite.benchmarks]
+                + [f"{100 * diff['average']:+.2f}"]
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+        lines = [
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+        ]
         return "\n".join([self.protocol_line(), *lines])
 
     def markdown(self) -> str:
         head = ["model"] + [b.title for b in self.suite.benchmarks] + ["Average"]
         out = [f"<!-- {self.protocol_line()} -->", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            out.append("| " + " | ".join([r.label] + [f"{100 * r.results[b.name].accuracy:.2f}" for b in self.suite.benchmarks]
-                                         + [f"{100 * r.average:.2f}"]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [r.label]
+                    + [f"{100 * r.results[b.name].accuracy:.2f}" for b in self.suite.benchmarks]
+                    + [f"{100 * r.average:.2f}"]
+                )
+                + " |"
+            )
         diff = self.difference()
         if diff is not None:
-            out.append("| " + " | ".join([f"{self.rows[1].label} - {self.rows[0].label}"]
-                                         + [f"{100 * diff[b.name]:+.2f}" for b in self.suite.benchmarks]
-                                         + [f"{100 * diff['average']:+.2f}"]) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    [f"{self.rows[1].label} - {self.rows[0].label}"]
+                    + [f"{100 * diff[b.name]:+.2f}" for b in self.suite.benchmarks]
+                    + [f"{100 * diff['average']:+.2f}"]
+                )
+                + " |"
+            )
         return "\n".join(out) + "\n"
 
     def protocol_line(self) -> str:
         samples = ", ".join(f"{b.title} {b.num_samples}" for b in self.suite.benchmarks)
-        line = (f"suite {self.suite.name}: Pass@1 (%) single-shot, T={self.suite.temperature:g}, "
-                f"top-p={self.suite.top_p:g}, max {self.settings['max_new_tokens']} new tokens; samples: {samples}")
+        line = (
+            f"suite {self.suite.name}: Pass@1 (%) single-shot, T={self.suite.temperature:g}, "
+            f"top-p={self.suite.top_p:g}, max {self.settings['max_new_tokens']} new tokens; samples: {samples}"
+        )
         if self.suite.deviations:
             line += "; NOT the suite's protocol: " + "; ".join(self.suite.deviations)
         return line
@@ -225,8 +258,15 @@ class SuiteReport:
             "settings": self.settings,
             "benchmarks": [dataclasses.asdict(b) for b in self.suite.benchmarks],
             "deviations": self.suite.deviations,
-            "rows": [{"label": r.label, "checkpoint": r.checkpoint, "average": r.average,
-                      "results": {k: dataclasses.asdict(v) for k, v in r.results.items()}} for r in self.rows],
+            "rows": [
+                {
+                    "label": r.label,
+                    "checkpoint": r.checkpoint,
+                    "average": r.average,
+                    "results": {k: dataclasses.asdict(v) for k, v in r.results.items()},
+                }
+                for r in self.rows
+            ],
             "difference": self.difference(),
             "seconds": self.seconds,
         }
@@ -245,8 +285,14 @@ def _labels(checkpoints: Sequence[str], labels: Optional[Sequence[str]]) -> list
     return names
 
 
-def run_suite(cfg, suite: EvalSuite, checkpoints: Sequence[str], *, data_dir: str | os.PathLike,
-              labels: Optional[Sequence[str]] = None) -> SuiteReport:
+def run_suite(
+    cfg,
+    suite: EvalSuite,
+    checkpoints: Sequence[str],
+    *,
+    data_dir: str | os.PathLike,
+    labels: Optional[Sequence[str]] = None,
+) -> SuiteReport:
     """Evaluate one or two checkpoints on every benchmark of `suite` (the library entry point)."""
     from nemo_igrpo.data.datasets import load_problems
     from nemo_igrpo.rewards.manager import RewardManager
@@ -256,8 +302,10 @@ def run_suite(cfg, suite: EvalSuite, checkpoints: Sequence[str], *, data_dir: st
     names = _labels(checkpoints, labels)
     files = benchmark_files(suite, data_dir)
     # Every file is read and checked before the first model loads: a bad row costs a second.
-    sets = [load_problems(f, cfg.data.prompt_key, cfg.data.answer_key, split="test", limit=cfg.data.max_eval_samples)
-            for f in files]
+    sets = [
+        load_problems(f, cfg.data.prompt_key, cfg.data.answer_key, split="test", limit=cfg.data.max_eval_samples)
+        for f in files
+    ]
     if cfg.data.max_eval_samples is not None:
         suite.deviations.append(f"at most {cfg.data.max_eval_samples} problems per benchmark (data.max_eval_samples)")
     max_new_tokens = cfg.eval.max_new_tokens or cfg.generation.max_new_tokens
@@ -268,16 +316,25 @@ def run_suite(cfg, suite: EvalSuite, checkpoints: Sequence[str], *, data_dir: st
             results: dict[str, EvalResult] = {}
             with EvalModel(cfg, checkpoint) as model:
                 for bench, problems in zip(suite.benchmarks, sets):
-                    eval_cfg = EvalConfig(num_samples=bench.num_samples, temperature=suite.temperature, top_p=suite.top_p,
-                                          max_new_tokens=cfg.eval.max_new_tokens,
-                                          pass_k=sorted({1, *(k for k in cfg.eval.pass_k if k <= bench.num_samples)}))
+                    eval_cfg = EvalConfig(
+                        num_samples=bench.num_samples,
+                        temperature=suite.temperature,
+                        top_p=suite.top_p,
+                        max_new_tokens=cfg.eval.max_new_tokens,
+                        pass_k=sorted({1, *(k for k in cfg.eval.pass_k if k <= bench.num_samples)}),
+                    )
                     results[bench.name] = model.evaluate(rewards, problems, eval_cfg, bench.name)
             average = sum(r.accuracy for r in results.values()) / len(results)
             rows.append(SuiteRow(label, str(checkpoint), results, average))
-    settings = {"temperature": suite.temperature, "top_p": suite.top_p, "max_new_tokens": max_new_tokens,
-                "seed": cfg.seed, "backend": cfg.generation.backend,
-                "num_samples": {b.name: b.num_samples for b in suite.benchmarks},
-                "files": {b.name: str(f) for b, f in zip(suite.benchmarks, files)}}
+    settings = {
+        "temperature": suite.temperature,
+        "top_p": suite.top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": cfg.seed,
+        "backend": cfg.generation.backend,
+        "num_samples": {b.name: b.num_samples for b in suite.benchmarks},
+        "files": {b.name: str(f) for b, f in zip(suite.benchmarks, files)},
+    }
     return SuiteReport(suite, rows, settings, time.time() - start)
 
 
@@ -295,8 +352,10 @@ def run_suite_cli(args) -> int:
     from nemo_igrpo.config import load_config
 
     if args.benchmark:
-        raise UserError("--benchmark and --suite do not combine: a suite names its own benchmarks "
-                        "(use --benchmarks a,b to run some of them)")
+        raise UserError(
+            "--benchmark and --suite do not combine: a suite names its own benchmarks "
+            "(use --benchmarks a,b to run some of them)"
+        )
     suite = apply_options(load_suite(args.suite), samples=args.samples or (), only=args.benchmarks)
     cfg = load_config(args.config, args.overrides)
     from nemo_igrpo.evaluation.evaluate import _checkpoints

@@ -60,7 +60,6 @@ def apply_vllm_cpu_environment(cfg: VLLMConfig) -> None:
             logger.info("%s=%s from the environment overrides the config value %s", key, current, value)
 
 
-
 # Architectures whose layers carry a recurrent (Mamba-2) state: vLLM keeps that state in a
 # separate cache with its own settings.
 VLLM_HYBRID_ARCHITECTURES = ("NemotronHForCausalLM",)
@@ -131,8 +130,10 @@ def check_generation_config(cfg: GenerationConfig) -> None:
             f"{list(VLLM_ONLINE_QUANTIZATION)} (or null for none)"
         )
     if cfg.vllm.weight_transport not in get_args(WeightTransport):
-        raise ValueError(f"generation.vllm.weight_transport: {cfg.vllm.weight_transport!r} is not one of "
-                         f"{list(get_args(WeightTransport))}")
+        raise ValueError(
+            f"generation.vllm.weight_transport: {cfg.vllm.weight_transport!r} is not one of "
+            f"{list(get_args(WeightTransport))}"
+        )
     if cfg.vllm.cpu_kvcache_space_gb < 1:
         raise ValueError(f"generation.vllm.cpu_kvcache_space_gb: must be >= 1, got {cfg.vllm.cpu_kvcache_space_gb}")
 
@@ -185,7 +186,9 @@ def iter_weight_buckets(
     seen: set[str] = set()
     for name, tensor in named_tensors:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"weights must be (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})")
+            raise TypeError(
+                f"weights must be (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})"
+            )
         if name in seen:
             raise ValueError(f"weight {name!r} appears twice in one update")
         seen.add(name)

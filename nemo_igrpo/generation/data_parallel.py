@@ -106,7 +106,10 @@ class DataParallelGenerator(GenerationBackend):
         try:
             # Every rank of a group calls its engine, an empty shard included (a model-parallel
             # engine needs all its ranks in each call).
-            outcome = ("ok", self.local.generate(prompts[start:end], params) if end > start or self.group_size > 1 else [])
+            outcome = (
+                "ok",
+                self.local.generate(prompts[start:end], params) if end > start or self.group_size > 1 else [],
+            )
         except Exception as e:  # noqa: BLE001 - reported on every rank below, not swallowed
             logger.exception("generation group %d failed on prompts %d..%d", self.group_index, start, end - 1)
             outcome = ("error", f"rank {self.rank} (prompts {start}..{end - 1}): {type(e).__name__}: {e}")
@@ -135,19 +138,23 @@ class DataParallelGenerator(GenerationBackend):
         self.local.close()
 
 
-def generation_group_size(backend: str, tensor_parallel_size: int, pipeline_parallel_size: int,
-                          vllm_tensor_parallel_size: int) -> int:
+def generation_group_size(
+    backend: str, tensor_parallel_size: int, pipeline_parallel_size: int, vllm_tensor_parallel_size: int
+) -> int:
     """Ranks per generation group for `backend` (see module doc)."""
     if backend == "vllm":
         if vllm_tensor_parallel_size != 1:
             raise ValueError(
                 "generation.data_parallel=true runs one vLLM engine per GPU: generation.vllm.tensor_parallel_size "
                 f"must be 1 (got {vllm_tensor_parallel_size}); set generation.data_parallel=false for a single "
-                "engine spanning several GPUs, or use generation.backend=vllm_server")
+                "engine spanning several GPUs, or use generation.backend=vllm_server"
+            )
         return 1
     if backend == "megatron":
         return tensor_parallel_size * pipeline_parallel_size
-    raise ValueError(f"generation.data_parallel applies to the colocated backends {DATA_PARALLEL_BACKENDS}, not {backend!r}")
+    raise ValueError(
+        f"generation.data_parallel applies to the colocated backends {DATA_PARALLEL_BACKENDS}, not {backend!r}"
+    )
 
 
 def uses_data_parallel_generation(backend: str, data_parallel: bool, world_size: int) -> bool:

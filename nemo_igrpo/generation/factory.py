@@ -10,7 +10,6 @@ from nemo_igrpo.generation.config import BACKENDS, GenerationConfig
 from nemo_igrpo.generation.interface import GenerationBackend
 
 
-
 def build_generation_backend(
     cfg: GenerationConfig, hf_path: str, *, seed: int, actor: Optional[object] = None, per_rank_engine: bool = False
 ) -> GenerationBackend:

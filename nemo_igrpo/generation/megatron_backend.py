@@ -146,8 +146,16 @@ def _make_controller_class():
             self._batch = [self._rows[request_id] for request_id in active_requests]
             return super().generate_all_output_tokens_static_batch(active_requests, active_streams)
 
-        def sample_from_logits(self, last_token_logits, sampling_params=None, vocab_size=None,
-                               generation_started=None, top_n_logprobs_dict=None, logits=None, **kwargs):
+        def sample_from_logits(
+            self,
+            last_token_logits,
+            sampling_params=None,
+            vocab_size=None,
+            generation_started=None,
+            top_n_logprobs_dict=None,
+            logits=None,
+            **kwargs,
+        ):
             req = self._request
             logits = last_token_logits.float()
             started = generation_started.tolist()
@@ -179,8 +187,15 @@ def _make_controller_class():
                     row.finish = "length"
             return chosen
 
-        def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
-                                     is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
+        def update_generation_status(
+            self,
+            updated_prompts_tokens,
+            generation_started,
+            current_context_end_position,
+            is_generation_done_tensor,
+            generated_sequence_lengths,
+            termination_id=None,
+        ):
             # Done and lengths come from the rows (several stop ids, stop strings, the stop
             # token kept), not from megatron's single termination id.
             device = is_generation_done_tensor.device
@@ -322,17 +337,21 @@ class MegatronGenerationBackend(GenerationBackend):
         context = StaticInferenceContext(batch_size, max_sequence_length)
         pad_id = min(self.eos_ids) if self.eos_ids else 0
         controller = self._controller_class(
-            GPTInferenceWrapper(self.model, context), _TokenizerAdapter(self.actor.tokenizer, pad_id), request,
+            GPTInferenceWrapper(self.model, context),
+            _TokenizerAdapter(self.actor.tokenizer, pad_id),
+            request,
             dict(enumerate(rows)),
         )
         engine = StaticInferenceEngine(controller, max_batch_size=batch_size, legacy=True)
         # Temperature / top-p / log-probs are applied by the controller's hooks; these are the
         # fields the engine's own loop reads (length, no prompt log-probs, no extra outputs).
         engine_params = MegatronSamplingParams(num_tokens_to_generate=request.max_new_tokens, return_log_probs=False)
-        done = engine.generate(inference_requests=[
-            InferenceRequest(request_id=i, prompt="", sampling_params=engine_params, prompt_tokens=list(row.prompt))
-            for i, row in enumerate(rows)
-        ])
+        done = engine.generate(
+            inference_requests=[
+                InferenceRequest(request_id=i, prompt="", sampling_params=engine_params, prompt_tokens=list(row.prompt))
+                for i, row in enumerate(rows)
+            ]
+        )
         for finished, row in zip(done, rows):
             # The engine fed back exactly what the hooks sampled (a cheap guard on the hooks).
             if finished.generated_tokens.tolist() != row.tokens:
@@ -372,7 +391,7 @@ class MegatronGenerationBackend(GenerationBackend):
             self._run_engine(rows, request)
         results = []
         for p in range(len(prompts)):
-            mine = rows[p * per_prompt:(p + 1) * per_prompt]
+            mine = rows[p * per_prompt : (p + 1) * per_prompt]
             results.append([self._result(mine[0 if greedy else i]) for i in range(params.n)])
         return results
 

@@ -66,6 +66,7 @@ from nemo_igrpo.utils.http import RetryableStatus, call_with_retries, is_retryab
 
 logger = logging.getLogger(__name__)
 
+
 def _error_message(response) -> str:
     try:
         body = response.json()
@@ -149,9 +150,13 @@ class OpenAIServerBackend(GenerationBackend):
             return response
 
         try:
-            response = call_with_retries(once, retries=retries, backoff_s=self.server.backoff_s,
-                                         transient=(requests.ConnectionError, requests.Timeout, RetryableStatus),
-                                         what=f"{method} {url}")
+            response = call_with_retries(
+                once,
+                retries=retries,
+                backoff_s=self.server.backoff_s,
+                transient=(requests.ConnectionError, requests.Timeout, RetryableStatus),
+                what=f"{method} {url}",
+            )
         except (requests.ConnectionError, requests.Timeout, RetryableStatus) as last_error:
             raise GenerationServerError(
                 f"{self.server_kind} at {self.base_url} is unreachable or failing: {method} {path} gave up after "
@@ -176,7 +181,9 @@ class OpenAIServerBackend(GenerationBackend):
         try:
             served = [entry["id"] for entry in listing["data"]]
         except (TypeError, KeyError) as err:
-            raise GenerationServerError(f"{self.server_kind} at {self.base_url}: unexpected /v1/models answer {listing!r}") from err
+            raise GenerationServerError(
+                f"{self.server_kind} at {self.base_url}: unexpected /v1/models answer {listing!r}"
+            ) from err
         wanted = self.server.model_name
         if wanted is None:
             if len(served) != 1:
@@ -284,11 +291,15 @@ class OpenAIServerBackend(GenerationBackend):
         answer = self._call("POST", "/v1/completions", self._completion_body(prompt, params, n))
         choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != n:
-            raise GenerationServerError(f"prompt {index}: {self.base_url} returned {len(choices)} choices, expected {n}")
+            raise GenerationServerError(
+                f"prompt {index}: {self.base_url} returned {len(choices)} choices, expected {n}"
+            )
         results = [self._parse_choice(c, prompt, f"prompt {index} sample {c.get('index', 0)}") for c in choices]
         if n != params.n:
             only = results[0]
-            results = [replace(only, token_ids=list(only.token_ids), logprobs=list(only.logprobs)) for _ in range(params.n)]
+            results = [
+                replace(only, token_ids=list(only.token_ids), logprobs=list(only.logprobs)) for _ in range(params.n)
+            ]
         return results
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
@@ -322,7 +333,13 @@ class OpenAIServerBackend(GenerationBackend):
             self._push_other(mode, named_tensors)
         self.weight_version += 1
         self.last_weight_sync_s = time.perf_counter() - started
-        logger.info("weights v%d pushed to %s via %s in %.2f s", self.weight_version, self.base_url, mode, self.last_weight_sync_s)
+        logger.info(
+            "weights v%d pushed to %s via %s in %.2f s",
+            self.weight_version,
+            self.base_url,
+            mode,
+            self.last_weight_sync_s,
+        )
 
     def _push_other(self, mode: str, named_tensors) -> None:
         raise ValueError(f"generation.server.weight_sync: {mode!r} is not supported by the {self.server_kind} backend")
@@ -401,7 +418,9 @@ class OpenAIServerBackend(GenerationBackend):
                     }
                     # The workers block inside /update_weights in the matching broadcasts, so the
                     # HTTP call runs beside them.
-                    pending = side.submit(self._call, "POST", "/update_weights", {"update_info": update_info}, retry=False)
+                    pending = side.submit(
+                        self._call, "POST", "/update_weights", {"update_info": update_info}, retry=False
+                    )
                     stream = torch.cuda.current_stream()
                     for _, tensor in tensors:
                         self._nccl_group.broadcast(tensor, src=0, stream=stream)
@@ -430,10 +449,18 @@ class OpenAIServerBackend(GenerationBackend):
         )
         with ThreadPoolExecutor(max_workers=1) as side:
             pending = side.submit(
-                self._call, "POST", "/init_weight_transfer_engine", {"init_info": worker_init_payload(init_info)}, retry=False
+                self._call,
+                "POST",
+                "/init_weight_transfer_engine",
+                {"init_info": worker_init_payload(init_info)},
+                retry=False,
             )
             self._nccl_group = trainer_init(
-                {"master_address": init_info.master_address, "master_port": init_info.master_port, "world_size": world_size}
+                {
+                    "master_address": init_info.master_address,
+                    "master_port": init_info.master_port,
+                    "world_size": world_size,
+                }
             )
             pending.result()
 

@@ -124,14 +124,18 @@ class VLLMEngineStream(GenerationStream):
                 lost = [entry[0] for entry in self._pending.values()]
                 self._pending.clear()
                 self._keys.clear()
-                raise RuntimeError(f"the vLLM engine dropped requests of this stream without finishing them: {lost[:5]}")
+                raise RuntimeError(
+                    f"the vLLM engine dropped requests of this stream without finishing them: {lost[:5]}"
+                )
             # One engine iteration's outputs; blocks until the engine core has produced them.
             for output in self.engine.step():
                 if not output.finished:
                     continue
                 entry = self._pending.pop(output.request_id, None)
                 if entry is None:
-                    logger.warning("generation stream: ignoring output of request %r that it did not submit", output.request_id)
+                    logger.warning(
+                        "generation stream: ignoring output of request %r that it did not submit", output.request_id
+                    )
                     continue
                 key, prompt, params, num_samples = entry
                 self._keys.discard(key)
@@ -166,8 +170,11 @@ class FutureStream(GenerationStream):
 
     overlaps = True
 
-    def __init__(self, start: Callable[[int, list[int], SamplingParams], concurrent.futures.Future],
-                 validate: Optional[Callable[[list[int], SamplingParams], None]] = None):
+    def __init__(
+        self,
+        start: Callable[[int, list[int], SamplingParams], concurrent.futures.Future],
+        validate: Optional[Callable[[list[int], SamplingParams], None]] = None,
+    ):
         self._start = start
         self._validate = validate or (lambda prompt, params: check_request([prompt], params))
         self._futures: dict[concurrent.futures.Future, Hashable] = {}
@@ -186,8 +193,9 @@ class FutureStream(GenerationStream):
     def wait(self, timeout: Optional[float] = None) -> list[tuple[Hashable, list[GenerationResult]]]:
         if not self._futures:
             return []
-        finished, _ = concurrent.futures.wait(list(self._futures), timeout=timeout,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
+        finished, _ = concurrent.futures.wait(
+            list(self._futures), timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
         done = []
         for future in finished:
             key = self._futures.pop(future)

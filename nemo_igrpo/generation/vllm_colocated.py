@@ -96,8 +96,9 @@ def cpu_scheduler_kwargs(model_dir: str, max_model_len: Optional[int]) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(longest or 0, _DEFAULT_STEP_TOKENS)}
 
 
-def vllm_engine_kwargs(model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool,
-                       external_launcher: bool = False) -> dict:
+def vllm_engine_kwargs(
+    model_dir: str, cfg: GenerationConfig, seed: int, *, on_cpu: bool, external_launcher: bool = False
+) -> dict:
     """The `vllm.LLM(...)` arguments for the colocated engine, from the generation config.
 
     external_launcher: one engine per trainer rank (generation.data_parallel): the engine joins
@@ -155,7 +156,9 @@ class VLLMColocatedBackend(GenerationBackend):
             apply_vllm_cpu_environment(cfg.vllm)
         import vllm
 
-        engine_kwargs = vllm_engine_kwargs(model_dir, cfg, seed, on_cpu=self.on_cpu, external_launcher=external_launcher)
+        engine_kwargs = vllm_engine_kwargs(
+            model_dir, cfg, seed, on_cpu=self.on_cpu, external_launcher=external_launcher
+        )
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -207,7 +210,9 @@ class VLLMColocatedBackend(GenerationBackend):
                         token_ids=token_ids,
                         text=sample.text,
                         logprobs=logprobs,
-                        finish_reason=normalise_finish_reason(sample.finish_reason, f"prompt {i} sample {sample.index}"),
+                        finish_reason=normalise_finish_reason(
+                            sample.finish_reason, f"prompt {i} sample {sample.index}"
+                        ),
                     )
                 )
             if num_samples != params.n:
@@ -321,7 +326,9 @@ class VLLMColocatedBackend(GenerationBackend):
         (returns True): call update_weights() (it wakes the weight memory itself) and then
         wake_up(). At level 1 they are offloaded to host memory and come back on wake_up()."""
         if self.on_cpu or not self.cfg.vllm.enable_sleep_mode:
-            logger.debug("vLLM sleep skipped (%s)", "CPU engine" if self.on_cpu else "generation.vllm.enable_sleep_mode is off")
+            logger.debug(
+                "vLLM sleep skipped (%s)", "CPU engine" if self.on_cpu else "generation.vllm.enable_sleep_mode is off"
+            )
             return False
         self.llm.sleep(level=self.cfg.vllm.sleep_level)
         self._sleeping = True

@@ -39,7 +39,6 @@ from nemo_igrpo.utils import collectives
 LossFn = Callable[[LossInputs, LossNormalizer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-
 @dataclass
 class _MicroBatch:
     input_ids: torch.Tensor  # [1, T]
@@ -110,8 +109,9 @@ class MegatronActor:
         self.cfg = cfg
         self.seed = seed
         self.kl_beta = kl_beta
-        self.layout = init_parallel_state(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed,
-                                          timeout_minutes=cfg.distributed_timeout_minutes)
+        self.layout = init_parallel_state(
+            cfg.tensor_parallel_size, cfg.pipeline_parallel_size, seed, timeout_minutes=cfg.distributed_timeout_minutes
+        )
         self.dp_rank = self.layout.dp_rank
         self.dp_size = self.layout.dp_size
         self.is_main = self.layout.is_main
@@ -239,7 +239,11 @@ class MegatronActor:
             # total_tokens makes megatron derive seq_idx (each token's segment, the padding segment
             # included) from cu_seqlens: Mamba layers restart their state and convolution there.
             packed = PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=max_len, max_seqlen_kv=max_len,
+                qkv_format="thd",
+                cu_seqlens_q=cu_t,
+                cu_seqlens_kv=cu_t,
+                max_seqlen_q=max_len,
+                max_seqlen_kv=max_len,
                 total_tokens=cu[-1],
             )
             packed.host_bounds = list(cu)  # read by SDPACoreAttention (saves a sync per layer)
@@ -269,11 +273,14 @@ class MegatronActor:
                 raise ValueError(f"train_step: sample {idx}: loss_mask has shape {tuple(mask.shape)}, expected ({n},)")
             old = s.old_logprobs
             if old is not None and tuple(old.shape) != (n,):
-                raise ValueError(f"train_step: sample {idx}: old_logprobs has shape {tuple(old.shape)}, expected ({n},)")
+                raise ValueError(
+                    f"train_step: sample {idx}: old_logprobs has shape {tuple(old.shape)}, expected ({n},)"
+                )
             gen = s.generation_logprobs
             if gen is not None and tuple(gen.shape) != (n,):
                 raise ValueError(
-                    f"train_step: sample {idx}: generation_logprobs has shape {tuple(gen.shape)}, expected ({n},)")
+                    f"train_step: sample {idx}: generation_logprobs has shape {tuple(gen.shape)}, expected ({n},)"
+                )
             if use_ref:
                 if s.ref_logprobs is None:
                     raise ValueError(f"train_step: sample {idx} has no ref_logprobs but kl_beta={self.kl_beta} > 0")
@@ -355,13 +362,13 @@ class MegatronActor:
         return vocab_parallel_logprobs(logits.index_select(0, rows), targets, self._tp_group)
 
     # ----------------------------------------------------------------------------- public API
-    def compute_logprobs(
-        self, samples: list[SequenceSample], *, reference: bool = False, with_entropy: bool = False
-    ):
+    def compute_logprobs(self, samples: list[SequenceSample], *, reference: bool = False, with_entropy: bool = False):
         """Per sample: float32 [response_length] log-probs (and entropies), on every rank."""
         self._validate(samples, "compute_logprobs")
         if reference and self.ref_chunks is None:
-            raise ValueError("compute_logprobs(reference=True) needs a reference model: construct the actor with kl_beta > 0")
+            raise ValueError(
+                "compute_logprobs(reference=True) needs a reference model: construct the actor with kl_beta > 0"
+            )
         chunks = self.ref_chunks if reference else self.model_chunks
         mbs = self._micro_batches(samples, train=False)
 
@@ -399,8 +406,9 @@ class MegatronActor:
         flat = flat.cpu()
         return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(samples))]
 
-    def train_step(self, samples: list[TrainSample], loss_fn: LossFn,
-                   max_response_length: Optional[int] = None) -> dict[str, float]:
+    def train_step(
+        self, samples: list[TrainSample], loss_fn: LossFn, max_response_length: Optional[int] = None
+    ) -> dict[str, float]:
         """One optimizer step over `samples` (identical on every rank).
 
         max_response_length: the constant of the seq-mean-token-sum-norm (Dr.GRPO) aggregation;

@@ -57,7 +57,9 @@ class SDPACoreAttention(MegatronModule):
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"SDPACoreAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
         if getattr(config, "window_size", None) is not None:
-            raise ValueError("sliding-window attention is not supported by SDPACoreAttention; use the TransformerEngine spec")
+            raise ValueError(
+                "sliding-window attention is not supported by SDPACoreAttention; use the TransformerEngine spec"
+            )
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size = pg_collection.tp.size()
@@ -84,12 +86,22 @@ class SDPACoreAttention(MegatronModule):
             has_any = allowed.any(dim=-1, keepdim=True)
             allowed = allowed | ~has_any
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale,
+                q,
+                k,
+                v,
+                attn_mask=allowed,
+                dropout_p=dropout_p,
+                scale=self.softmax_scale,
                 enable_gqa=q.shape[1] != k.shape[1],
             )
             return out * has_any.to(out.dtype)
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and q.shape[-2] > 1, dropout_p=dropout_p, scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            is_causal=causal and q.shape[-2] > 1,
+            dropout_p=dropout_p,
+            scale=self.softmax_scale,
             enable_gqa=q.shape[1] != k.shape[1],
         )
 
@@ -164,7 +176,9 @@ def resolve_transformer_impl(impl: str) -> str:
     from nemo_igrpo.policy.config import TransformerImpl
 
     if impl not in get_args(TransformerImpl):
-        raise ValueError(f"policy.model.transformer_impl: {impl!r} is not one of {', '.join(get_args(TransformerImpl))}")
+        raise ValueError(
+            f"policy.model.transformer_impl: {impl!r} is not one of {', '.join(get_args(TransformerImpl))}"
+        )
     if impl == "auto":
         return "transformer_engine" if transformer_engine_importable() else "local"
     if impl == "transformer_engine" and not transformer_engine_importable():

@@ -46,6 +46,7 @@ def sharded_state(actor, loading: bool, include_rng: bool) -> dict:
         state["rng_state"] = rng_sharded_object(actor.layout)
     return state
 
+
 def rng_sharded_object(layout):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -62,8 +63,10 @@ def rng_sharded_object(layout):
         "rng_state", rng, (L.pp_size, L.tp_size, L.dp_size), (L.pp_rank, L.tp_rank, L.dp_rank), replica_id=0
     )
 
+
 def layout_key(layout) -> list[int]:
     return [layout.pp_size, layout.tp_size, layout.dp_size]
+
 
 def save(actor, ckpt_dir: str, extra_state: dict) -> None:
     """dist-checkpoint of model, optimizer, LR scheduler, RNG and `extra_state`; written to
@@ -91,6 +94,7 @@ def save(actor, ckpt_dir: str, extra_state: dict) -> None:
     if actor.is_main:
         replace_dir(tmp, out)
     collectives.barrier()
+
 
 def load(actor, ckpt_dir: str) -> dict:
     """Restore a save_checkpoint() directory (any TP/PP/DP layout). RNG states are restored
@@ -126,6 +130,7 @@ def load(actor, ckpt_dir: str) -> dict:
     if same_layout:
         restore_rng(loaded["rng_state"])
     return loaded["extra_state"]
+
 
 def restore_rng(rng: dict) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker

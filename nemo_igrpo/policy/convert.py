@@ -22,8 +22,10 @@ from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
 from nemo_igrpo.utils import collectives
 
 WEIGHTS_FORMAT = "nemo_igrpo.megatron_weights.v1"
-HF_TEMPLATE_FILES = re.compile(r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|.*\.jinja|vocab\..*|merges\.txt"
-                               r"|configuration_.*\.py|modeling_.*\.py)$")
+HF_TEMPLATE_FILES = re.compile(
+    r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|.*\.jinja|vocab\..*|merges\.txt"
+    r"|configuration_.*\.py|modeling_.*\.py)$"
+)
 # Remote-code files a checkpoint's config.json may name in `auto_map` (Nemotron-H ships
 # configuration_nemotron_h.py / modeling_nemotron_h.py, and megatron-bridge's export writes that
 # auto_map): carried to the exported directory so it loads with trust_remote_code as well.
@@ -63,7 +65,10 @@ def hf_to_megatron(src: str, dst: str, tp: int = 1, pp: int = 1) -> None:
             if f.is_file() and HF_TEMPLATE_FILES.match(f.name):
                 shutil.copy2(f, tmp / "hf_template" / f.name)
     collectives.barrier()
-    state = {"model": unwrap(built.chunks[0]).sharded_state_dict(), "meta": {"format": WEIGHTS_FORMAT, "hf_path": str(Path(src).resolve())}}
+    state = {
+        "model": unwrap(built.chunks[0]).sharded_state_dict(),
+        "meta": {"format": WEIGHTS_FORMAT, "hf_path": str(Path(src).resolve())},
+    }
     with cpu_compat.cuda_to_cpu():
         dist_checkpointing.save(state, str(tmp))
     collectives.barrier()
@@ -83,12 +88,15 @@ def find_checkpoint(src: str | Path) -> Path:
         if m and (d / "metadata.json").is_file():
             steps.append((int(m.group(1)), d))
     if not steps:
-        raise FileNotFoundError(f"{src}: neither a Megatron dist-checkpoint (metadata.json) nor a run directory with checkpoints/step_N")
+        raise FileNotFoundError(
+            f"{src}: neither a Megatron dist-checkpoint (metadata.json) nor a run directory with checkpoints/step_N"
+        )
     return max(steps)[1]
 
 
-def megatron_to_hf(src: str, dst: str, hf_template: Optional[str] = None, tp: int = 1, pp: int = 1,
-                   base: Optional[PolicyConfig] = None) -> None:
+def megatron_to_hf(
+    src: str, dst: str, hf_template: Optional[str] = None, tp: int = 1, pp: int = 1, base: Optional[PolicyConfig] = None
+) -> None:
     from megatron.core import dist_checkpointing
 
     from nemo_igrpo.policy.checkpoint import CHECKPOINT_FORMAT, replace_dir

@@ -335,8 +335,12 @@ def install_mamba_reference_kernels() -> bool:
 
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
             return make_sharded_tensors_for_checkpoint(
-                self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
-                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+                self.state_dict(prefix="", keep_vars=True),
+                prefix,
+                {"weight": 0},
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
             )
 
     # MambaMixer.__init__ raises ImportError unless HAVE_MAMBA_SSM.

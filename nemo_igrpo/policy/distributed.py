@@ -64,14 +64,14 @@ def init_process_group(timeout_minutes: float = collectives.DEFAULT_TIMEOUT_MINU
             port = _free_port()
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(port)
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                                    timeout=limit)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=limit)
     if not collectives._control_ready:
         collectives.init_control_group(timeout_minutes)
 
 
-def init_parallel_state(tp: int, pp: int, seed: int,
-                        timeout_minutes: float = collectives.DEFAULT_TIMEOUT_MINUTES) -> ParallelLayout:
+def init_parallel_state(
+    tp: int, pp: int, seed: int, timeout_minutes: float = collectives.DEFAULT_TIMEOUT_MINUTES
+) -> ParallelLayout:
     """Set up megatron's TP/PP/DP groups (re-creating them if a previous actor in this process
     used another layout) and its model-parallel RNG streams."""
     from megatron.core import parallel_state as ps
@@ -91,8 +91,11 @@ def init_parallel_state(tp: int, pp: int, seed: int,
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         with cpu_compat.cuda_to_cpu():
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                         distributed_timeout_minutes=int(math.ceil(timeout_minutes)))
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                distributed_timeout_minutes=int(math.ceil(timeout_minutes)),
+            )
     # Same seed on every rank: megatron derives the TP-rank-specific and DP streams from it.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

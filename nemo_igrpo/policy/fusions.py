@@ -69,8 +69,9 @@ def decide_fusions(
     return decided
 
 
-def apply_fusion_decisions(provider, *, on_gpu: bool, transformer_impl: str,
-                           importable: Callable[[str], bool] = module_imports) -> dict[str, bool]:
+def apply_fusion_decisions(
+    provider, *, on_gpu: bool, transformer_impl: str, importable: Callable[[str], bool] = module_imports
+) -> dict[str, bool]:
     """Set the provider's fusion flags by `decide_fusions`; returns the decisions (for logs)."""
     requested = {flag: bool(getattr(provider, flag, False)) for flag in FUSION_REQUIREMENTS}
     decided = decide_fusions(requested, on_gpu=on_gpu, transformer_impl=transformer_impl, importable=importable)

@@ -63,7 +63,9 @@ def check_hybrid_config(config_path: Path, data: dict) -> None:
                 "this actor builds Mamba-2 (M), attention (*) and MLP (-) layers only"
             )
     if int(data.get("num_nextn_predict_layers") or 0) > 0:
-        raise UnsupportedModelError(f"{config_path}: multi-token prediction layers (num_nextn_predict_layers > 0) are not supported")
+        raise UnsupportedModelError(
+            f"{config_path}: multi-token prediction layers (num_nextn_predict_layers > 0) are not supported"
+        )
 
 
 def _stack_class(torch_final_norm: bool):
@@ -75,12 +77,14 @@ def _stack_class(torch_final_norm: bool):
 
     class _HybridStack(HybridStack):
         def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
-            super().__init__(config, submodules, *args, post_layer_norm=post_layer_norm and not torch_final_norm,
-                             **kwargs)
+            super().__init__(
+                config, submodules, *args, post_layer_norm=post_layer_norm and not torch_final_norm, **kwargs
+            )
             self.post_layer_norm = post_layer_norm
             if torch_final_norm and self.post_process and post_layer_norm:
-                self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
-                                                   eps=config.layernorm_epsilon)
+                self.final_norm = WrappedTorchNorm(
+                    config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+                )
 
         def forward(self, *args, inference_context=None, inference_params=None, **kwargs):
             if inference_context is not None or inference_params is not None:
@@ -117,8 +121,10 @@ def local_hybrid_stack_spec():
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
             norm=WrappedTorchNorm,
-            mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
-                in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+            mixer=ModuleSpec(
+                module=MambaMixer,
+                submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+            ),
             mamba_bda=get_bias_dropout_add,
             # The TE spec fuses this norm into in_proj (TELayerNormColumnParallelLinear).
             sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
@@ -131,8 +137,9 @@ def local_hybrid_stack_spec():
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                                                   linear_proj=RowParallelLinear),
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention, linear_proj=RowParallelLinear
+                ),
             ),
             self_attn_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
@@ -142,14 +149,18 @@ def local_hybrid_stack_spec():
         module=MLPLayer,
         submodules=TransformerLayerSubmodules(
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                      linear_fc2=RowParallelLinear)),
+            mlp=partial(
+                MLP.as_mlp_submodule,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
-    return ModuleSpec(module=_stack_class(torch_final_norm=True),
-                      submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp))
+    return ModuleSpec(
+        module=_stack_class(torch_final_norm=True),
+        submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp),
+    )
 
 
 def hybrid_stack_spec(impl: str):

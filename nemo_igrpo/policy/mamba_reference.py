@@ -79,8 +79,9 @@ def _segsum(x: Tensor) -> Tensor:
     return sums.masked_fill(~torch.ones_like(below).tril(), float("-inf"))
 
 
-def _ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                 initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _ssd_chunked(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
     """One sequence per batch row, float32. x [b, l, h, p], dt [b, l, h] (already softplus'd),
     A [h], B/C [b, l, h, n] (groups already expanded to heads), initial_state [b, h, p, n].
     Returns y [b, l, h, p] without the D term, and the final state [b, h, p, n]."""
@@ -168,8 +169,15 @@ def mamba_chunk_scan_combined(
             pieces, state = [], None
             for i, (s, e) in enumerate(_runs(seq_idx[r])):
                 init = initial_states[r : r + 1] if (initial_states is not None and i == 0) else None
-                y_piece, state = _ssd_chunked(xf[r : r + 1, s:e], dtf[r : r + 1, s:e], Af, Bf[r : r + 1, s:e],
-                                              Cf[r : r + 1, s:e], chunk_size, init)
+                y_piece, state = _ssd_chunked(
+                    xf[r : r + 1, s:e],
+                    dtf[r : r + 1, s:e],
+                    Af,
+                    Bf[r : r + 1, s:e],
+                    Cf[r : r + 1, s:e],
+                    chunk_size,
+                    init,
+                )
                 pieces.append(y_piece)
             rows.append(torch.cat(pieces, dim=1))
             finals.append(state)
@@ -183,9 +191,15 @@ def mamba_chunk_scan_combined(
     return (y, final) if return_final_states else y
 
 
-def rms_norm_gated(x: Tensor, weight: Tensor, z: Optional[Tensor] = None, eps: float = 1e-6,
-                   group_size: Optional[int] = None, norm_before_gate: bool = True,
-                   bias: Optional[Tensor] = None) -> Tensor:
+def rms_norm_gated(
+    x: Tensor,
+    weight: Tensor,
+    z: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = True,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
     """mamba-ssm's gated RMSNorm: RMS-normalise each group of `group_size` channels, scale by
     `weight`; the gate silu(z) multiplies the input (norm_before_gate=False, Mamba-2's choice) or
     the output. float32 inside, x's dtype out."""
@@ -206,8 +220,15 @@ def rms_norm_gated(x: Tensor, weight: Tensor, z: Optional[Tensor] = None, eps: f
 class RMSNormGated(torch.nn.Module):
     """mamba-ssm's `ops.triton.layernorm_gated.RMSNorm` (constructor and forward), on rms_norm_gated."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
-                 norm_before_gate: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        group_size: Optional[int] = None,
+        norm_before_gate: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.eps = eps
         self.group_size = group_size
@@ -255,24 +276,37 @@ def mamba_split_conv1d_scan_combined(
     dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
     d_nonssm = (zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - heads) // 2
     if d_nonssm < 0:
-        raise ValueError(f"zxbcdt has {zxbcdt.shape[-1]} channels, too few for d={dim}, groups={ngroups}, state={dstate}")
+        raise ValueError(
+            f"zxbcdt has {zxbcdt.shape[-1]} channels, too few for d={dim}, groups={ngroups}, state={dstate}"
+        )
     zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, heads], dim=-1)
-    xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx,
-                           activation=activation).transpose(1, 2)
+    xBC = causal_conv1d_fn(
+        xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx=seq_idx, activation=activation
+    ).transpose(1, 2)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     b, length = x.shape[:2]
     result = mamba_chunk_scan_combined(
-        x.reshape(b, length, heads, headdim), dt, A, B.reshape(b, length, ngroups, dstate),
-        C.reshape(b, length, ngroups, dstate), chunk_size, D=D,
+        x.reshape(b, length, heads, headdim),
+        dt,
+        A,
+        B.reshape(b, length, ngroups, dstate),
+        C.reshape(b, length, ngroups, dstate),
+        chunk_size,
+        D=D,
         z=z.reshape(b, length, heads, headdim) if rmsnorm_weight is None else None,
-        dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+        dt_bias=dt_bias,
+        initial_states=initial_states,
+        seq_idx=seq_idx,
+        dt_softplus=True,
+        dt_limit=dt_limit,
         return_final_states=return_final_states,
     )
     y, final = result if return_final_states else (result, None)
     y = y.reshape(b, length, dim)
     if rmsnorm_weight is not None:
-        y = rms_norm_gated(y, rmsnorm_weight, z, rmsnorm_eps, group_size=dim // ngroups,
-                           norm_before_gate=norm_before_gate)
+        y = rms_norm_gated(
+            y, rmsnorm_weight, z, rmsnorm_eps, group_size=dim // ngroups, norm_before_gate=norm_before_gate
+        )
     if d_nonssm > 0:
         x0, z0 = torch.split(zx0, [d_nonssm, d_nonssm], dim=-1)
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
@@ -281,8 +315,15 @@ def mamba_split_conv1d_scan_combined(
     return (y, final) if return_final_states else y
 
 
-def ssd_recurrence(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                   initial_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def ssd_recurrence(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """The SSD recurrence one step at a time (the definition in the module docstring, in the
     inputs' dtype, e.g. float64): the yardstick the chunked scan is tested against. dt is the
     final step size (softplus / bias already applied); shapes as mamba_chunk_scan_combined."""
@@ -309,4 +350,3 @@ __all__ = [
     "rms_norm_gated",
     "ssd_recurrence",
 ]
-

@@ -36,7 +36,9 @@ FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
 def read_architecture(hf_dir: str | Path) -> str:
     config_path = Path(hf_dir) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"policy.model.hf_path: {hf_dir} has no config.json (not a Hugging Face model directory)")
+        raise FileNotFoundError(
+            f"policy.model.hf_path: {hf_dir} has no config.json (not a Hugging Face model directory)"
+        )
     try:
         archs = json.loads(config_path.read_text()).get("architectures") or []
     except json.JSONDecodeError as e:
@@ -124,9 +126,13 @@ def _check_fp8(cfg: PolicyConfig, impl: str) -> None:
         raise RuntimeError(f"policy.fp8={cfg.fp8} needs a GPU")
     major, minor = torch.cuda.get_device_capability()
     if cfg.fp8 == "mxfp8" and major < 10:
-        raise RuntimeError(f"policy.fp8=mxfp8 needs a Blackwell GPU (compute capability 10.x); this one is {major}.{minor}")
+        raise RuntimeError(
+            f"policy.fp8=mxfp8 needs a Blackwell GPU (compute capability 10.x); this one is {major}.{minor}"
+        )
     if major < 9 and (major, minor) != (8, 9):
-        raise RuntimeError(f"policy.fp8={cfg.fp8} needs FP8 tensor cores (Ada/Hopper or newer); this GPU is {major}.{minor}")
+        raise RuntimeError(
+            f"policy.fp8={cfg.fp8} needs FP8 tensor cores (Ada/Hopper or newer); this GPU is {major}.{minor}"
+        )
 
 
 def build_model(
@@ -154,8 +160,10 @@ def build_model(
     if cfg.precision not in get_args(Precision):
         raise ValueError(f"policy.precision: {cfg.precision!r} is not one of {', '.join(get_args(Precision))}")
     if cfg.activation_recompute is not None and cfg.activation_recompute not in get_args(Recompute):
-        raise ValueError(f"policy.activation_recompute: {cfg.activation_recompute!r} is not one of null, "
-                         f"{', '.join(get_args(Recompute))}")
+        raise ValueError(
+            f"policy.activation_recompute: {cfg.activation_recompute!r} is not one of null, "
+            f"{', '.join(get_args(Recompute))}"
+        )
 
     bridge_mod = cpu_compat.import_megatron_bridge()
     if load_weights:
@@ -232,8 +240,13 @@ def build_model(
             for p in chunk.parameters():
                 p.requires_grad_(False)
     assert all(isinstance(c, MegatronModule) for c in chunks)
-    return BuiltModel(bridge=bridge, provider=provider, chunks=chunks, transformer_impl=impl,
-                      sequence_parallel=bool(provider.sequence_parallel))
+    return BuiltModel(
+        bridge=bridge,
+        provider=provider,
+        chunks=chunks,
+        transformer_impl=impl,
+        sequence_parallel=bool(provider.sequence_parallel),
+    )
 
 
 def uses_sequence_parallel(transformer_impl: str, tensor_parallel_size: int) -> bool:

@@ -106,5 +106,6 @@ def plan_pack(indices: Sequence[int], lengths: Sequence[int], multiple: int = 1)
     padding = (-real) % multiple if indices else -(-DUMMY_TOKENS // multiple) * multiple
     if padding:
         cu.append(real + padding)
-    return PackPlan(sample_indices=list(indices), starts=starts, cu_seqlens=cu, total_tokens=real + padding,
-                    padding=padding)
+    return PackPlan(
+        sample_indices=list(indices), starts=starts, cu_seqlens=cu, total_tokens=real + padding, padding=padding
+    )

@@ -131,8 +131,7 @@ def plan_asserts(steps: list[tuple[str, str]]) -> tuple[Plan, list[str]]:
     solution_bound: set[str] = set()  # names bound by setup that used the solution
 
     def solution_names_in(node: ast.AST) -> set[str]:
-        return {n for n in _free(node)
-                if n in solution_bound or (n not in reference_names and n not in _BUILTIN_NAMES)}
+        return {n for n in _free(node) if n in solution_bound or (n not in reference_names and n not in _BUILTIN_NAMES)}
 
     # ("trusted", (tree, src, bound)) | ("tainted", src) | ("probe", id) in the solution's order.
     solution_order: list[tuple[str, Any]] = []
@@ -226,9 +225,16 @@ def plan_asserts(steps: list[tuple[str, str]]) -> tuple[Plan, list[str]]:
 
 
 _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
-    ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
-    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
 }
 
 
@@ -247,8 +253,11 @@ def _is_local(node: ast.AST) -> bool:
     if isinstance(node, ast.BoolOp):
         return all(_is_local(v) for v in node.values)
     if isinstance(node, ast.Compare):
-        return all(type(op) in _COMPARE for op in node.ops) and _is_local(node.left) and all(
-            _is_local(c) for c in node.comparators)
+        return (
+            all(type(op) in _COMPARE for op in node.ops)
+            and _is_local(node.left)
+            and all(_is_local(c) for c in node.comparators)
+        )
     return False
 
 

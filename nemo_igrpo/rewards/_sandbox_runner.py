@@ -135,7 +135,7 @@ def decode(data, depth=0):
         return data
     if type(data) is not dict or len(data) != 1:
         raise ValueError("not an encoded value")
-    (tag, items), = data.items()
+    ((tag, items),) = data.items()
     if tag == "b" and type(items) is str:
         return bytes.fromhex(items)
     if type(items) is not list:
@@ -178,7 +178,7 @@ def main():
     def emit(record):
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         while data:
-            data = data[os.write(channel, data):]
+            data = data[os.write(channel, data) :]
 
     def emit_value(kind, ident, value):
         try:
@@ -273,7 +273,7 @@ def _run_stdio(job, emit, channel, devnull, case_timeout_s):
         stdin_fd = os.memfd_create("stdin")
         data = text.encode()
         while data:
-            data = data[os.write(stdin_fd, data):]
+            data = data[os.write(stdin_fd, data) :]
         os.lseek(stdin_fd, 0, os.SEEK_SET)
         read_fd, write_fd = os.pipe()
         try:

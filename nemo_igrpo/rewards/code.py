@@ -74,7 +74,9 @@ def parse_tests(reference: Any) -> list[tuple[str, str]]:
     if isinstance(reference, dict):
         unknown = set(reference) - {"setup", "tests"}
         if unknown or "tests" not in reference:
-            raise ValueError(f"code_tests: a dict reference needs 'tests' (and optionally 'setup'), got keys {sorted(reference)}")
+            raise ValueError(
+                f"code_tests: a dict reference needs 'tests' (and optionally 'setup'), got keys {sorted(reference)}"
+            )
         if reference.get("setup"):
             steps.append(("setup", str(reference["setup"])))
         reference = reference["tests"]
@@ -82,16 +84,24 @@ def parse_tests(reference: Any) -> list[tuple[str, str]]:
         try:
             tree = ast.parse(reference)
         except SyntaxError as e:
-            raise ValueError(f"code_tests: the reference test snippet is not valid Python ({e.msg}, line {e.lineno})") from None
+            raise ValueError(
+                f"code_tests: the reference test snippet is not valid Python ({e.msg}, line {e.lineno})"
+            ) from None
         for node in tree.body:
-            steps.append(("test" if isinstance(node, ast.Assert) else "setup", ast.get_source_segment(reference, node) or ""))
+            steps.append(
+                ("test" if isinstance(node, ast.Assert) else "setup", ast.get_source_segment(reference, node) or "")
+            )
     elif isinstance(reference, (list, tuple)):
         for i, test in enumerate(reference):
             if not isinstance(test, str):
-                raise ValueError(f"code_tests: test {i} of the reference is a {type(test).__name__}, not a string of Python")
+                raise ValueError(
+                    f"code_tests: test {i} of the reference is a {type(test).__name__}, not a string of Python"
+                )
             steps.append(("test", test))
     elif not steps:
-        raise ValueError(f"code_tests: reference must be a list of tests, a Python snippet or a dict, got {type(reference).__name__}")
+        raise ValueError(
+            f"code_tests: reference must be a list of tests, a Python snippet or a dict, got {type(reference).__name__}"
+        )
     if not any(kind == "test" for kind, _ in steps):
         raise ValueError("code_tests: the reference contains no tests (no assert statements / empty list)")
     return steps
@@ -118,8 +128,10 @@ def parse_reference(reference: Any) -> Reference:
     unknown = set(reference) - {"inputs", "outputs", "fn_name"}
     inputs, outputs = reference.get("inputs"), reference.get("outputs")
     if unknown or not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
-        raise ValueError("code_tests: an input/output reference needs 'inputs' and 'outputs', two lists of the same "
-                         f"length (and optionally 'fn_name'), got keys {sorted(reference)}")
+        raise ValueError(
+            "code_tests: an input/output reference needs 'inputs' and 'outputs', two lists of the same "
+            f"length (and optionally 'fn_name'), got keys {sorted(reference)}"
+        )
     if not inputs:
         raise ValueError("code_tests: the reference contains no tests (empty 'inputs')")
     fn_name = reference.get("fn_name")
@@ -187,12 +199,18 @@ def _normalise_stdout(text: str) -> list[str]:
     return lines
 
 
-def _run_asserts(code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float],
-                 allow_site_packages: bool) -> tuple[list[bool], list[str]]:
+def _run_asserts(
+    code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float], allow_site_packages: bool
+) -> tuple[list[bool], list[str]]:
     plan, probes = plan_asserts(ref.steps)
     max_value = limits.max_output_bytes // 4
-    job = {"mode": "solution", "code": code, "steps": plan.solution_steps, "per_test_timeout_s": per_test_timeout_s,
-           "max_value_bytes": max_value}
+    job = {
+        "mode": "solution",
+        "code": code,
+        "steps": plan.solution_steps,
+        "per_test_timeout_s": per_test_timeout_s,
+        "max_value_bytes": max_value,
+    }
     result = run_sandboxed(job, limits, allow_site_packages)
     records = _records(result.stdout)
     failure = _load_failure(records, result)
@@ -232,8 +250,13 @@ def _run_asserts(code: str, ref: Reference, limits: SandboxLimits, per_test_time
         wanted = set(to_judge)
         steps = [s for s in plan.judge_steps if s[0] == "exec" or s[1] in wanted]
         needed = {PLACEHOLDER.format(pid) for t in to_judge for pid in plan.tests[t].probes}
-        judge_job = {"mode": "judge", "values": {k: v for k, v in encoded.items() if k in needed}, "steps": steps,
-                     "per_test_timeout_s": per_test_timeout_s, "max_value_bytes": 64}
+        judge_job = {
+            "mode": "judge",
+            "values": {k: v for k, v in encoded.items() if k in needed},
+            "steps": steps,
+            "per_test_timeout_s": per_test_timeout_s,
+            "max_value_bytes": 64,
+        }
         judged = run_sandboxed(judge_job, limits, allow_site_packages)
         by_id = _first_by_id(_records(judged.stdout), ("judge", "err"), len(plan.tests))
         for test_id in to_judge:
@@ -245,16 +268,24 @@ def _run_asserts(code: str, ref: Reference, limits: SandboxLimits, per_test_time
             else:
                 outcome[test_id] = (record[2] is True, "")
     passed = [outcome[i][0] for i in range(len(plan.tests))]
-    lines = [f"{t.step_index} {'PASS' if outcome[i][0] else 'FAIL'} {outcome[i][1]}".rstrip()
-             for i, t in enumerate(plan.tests)]
+    lines = [
+        f"{t.step_index} {'PASS' if outcome[i][0] else 'FAIL'} {outcome[i][1]}".rstrip()
+        for i, t in enumerate(plan.tests)
+    ]
     return passed, lines
 
 
-def _run_calls(code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float],
-               allow_site_packages: bool) -> tuple[list[bool], list[str]]:
+def _run_calls(
+    code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float], allow_site_packages: bool
+) -> tuple[list[bool], list[str]]:
     steps = [["call", i, ref.fn_name, [wire.encode(a) for a in args]] for i, args in enumerate(ref.inputs)]
-    job = {"mode": "solution", "code": code, "steps": steps, "per_test_timeout_s": per_test_timeout_s,
-           "max_value_bytes": limits.max_output_bytes // 4}
+    job = {
+        "mode": "solution",
+        "code": code,
+        "steps": steps,
+        "per_test_timeout_s": per_test_timeout_s,
+        "max_value_bytes": limits.max_output_bytes // 4,
+    }
     result = run_sandboxed(job, limits, allow_site_packages)
     records = _records(result.stdout)
     failure = _load_failure(records, result)
@@ -280,12 +311,19 @@ def _run_calls(code: str, ref: Reference, limits: SandboxLimits, per_test_timeou
     return passed, lines
 
 
-def _run_stdio(code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float],
-               allow_site_packages: bool) -> tuple[list[bool], list[str]]:
+def _run_stdio(
+    code: str, ref: Reference, limits: SandboxLimits, per_test_timeout_s: Optional[float], allow_site_packages: bool
+) -> tuple[list[bool], list[str]]:
     # The expected outputs never enter the sandbox; it only reports what the program printed.
     per_case = max(4096, limits.max_output_bytes // (2 * len(ref.inputs)))
-    job = {"mode": "stdio", "code": code, "inputs": ref.inputs, "per_test_timeout_s": per_test_timeout_s,
-           "case_timeout_s": limits.wall_s, "max_case_output_bytes": per_case}
+    job = {
+        "mode": "stdio",
+        "code": code,
+        "inputs": ref.inputs,
+        "per_test_timeout_s": per_test_timeout_s,
+        "case_timeout_s": limits.wall_s,
+        "max_case_output_bytes": per_case,
+    }
     result = run_sandboxed(job, limits, allow_site_packages)
     records = _records(result.stdout)
     failure = _load_failure(records, result)
@@ -309,37 +347,80 @@ def _run_stdio(code: str, ref: Reference, limits: SandboxLimits, per_test_timeou
     return passed, lines
 
 
-def run_tests(code: str, reference: Any, *, timeout_s: float = 6.0, cpu_s: int = 5, memory_mb: int = 512,
-              per_test_timeout_s: Optional[float] = 2.0, max_file_mb: int = 16, allow_site_packages: bool = False,
-              network_namespace: str = "auto", max_processes: int = 8, max_open_files: int = 64,
-              tmpfs_mb: int = 64, max_output_kb: int = 1024) -> tuple[int, int, list[str]]:
+def run_tests(
+    code: str,
+    reference: Any,
+    *,
+    timeout_s: float = 6.0,
+    cpu_s: int = 5,
+    memory_mb: int = 512,
+    per_test_timeout_s: Optional[float] = 2.0,
+    max_file_mb: int = 16,
+    allow_site_packages: bool = False,
+    network_namespace: str = "auto",
+    max_processes: int = 8,
+    max_open_files: int = 64,
+    tmpfs_mb: int = 64,
+    max_output_kb: int = 1024,
+) -> tuple[int, int, list[str]]:
     """(passed, total, per-test result lines) for `code` against the reference's tests."""
     if network_namespace not in _NETWORK_NAMESPACE_VALUES:
-        raise ValueError(f"code_tests: network_namespace={network_namespace!r}: must be 'auto', 'require' or 'off' "
-                         "(the sandbox always has its own empty network namespace now; the key is only kept so "
-                         "that existing configs load)")
+        raise ValueError(
+            f"code_tests: network_namespace={network_namespace!r}: must be 'auto', 'require' or 'off' "
+            "(the sandbox always has its own empty network namespace now; the key is only kept so "
+            "that existing configs load)"
+        )
     ref = parse_reference(reference)
-    limits = SandboxLimits(wall_s=float(timeout_s), cpu_s=int(cpu_s), memory_mb=int(memory_mb),
-                           max_file_mb=int(max_file_mb), max_open_files=int(max_open_files),
-                           max_processes=int(max_processes), tmpfs_mb=int(tmpfs_mb),
-                           max_output_bytes=int(max_output_kb) * 1024)
+    limits = SandboxLimits(
+        wall_s=float(timeout_s),
+        cpu_s=int(cpu_s),
+        memory_mb=int(memory_mb),
+        max_file_mb=int(max_file_mb),
+        max_open_files=int(max_open_files),
+        max_processes=int(max_processes),
+        tmpfs_mb=int(tmpfs_mb),
+        max_output_bytes=int(max_output_kb) * 1024,
+    )
     runner = {"asserts": _run_asserts, "calls": _run_calls, "stdio": _run_stdio}[ref.kind]
     passed, lines = runner(code, ref, limits, per_test_timeout_s, allow_site_packages)
     return sum(passed), len(passed), lines
 
 
 @register_reward("code_tests")
-def code_tests(prompt: str, response: str, reference: Any, *, code_block: str = "last", timeout_s: float = 6.0,
-               cpu_s: int = 5, memory_mb: int = 512, per_test_timeout_s: Optional[float] = 2.0,
-               max_file_mb: int = 16, allow_site_packages: bool = False, network_namespace: str = "auto",
-               max_processes: int = 8, max_open_files: int = 64, tmpfs_mb: int = 64,
-               max_output_kb: int = 1024) -> float:
+def code_tests(
+    prompt: str,
+    response: str,
+    reference: Any,
+    *,
+    code_block: str = "last",
+    timeout_s: float = 6.0,
+    cpu_s: int = 5,
+    memory_mb: int = 512,
+    per_test_timeout_s: Optional[float] = 2.0,
+    max_file_mb: int = 16,
+    allow_site_packages: bool = False,
+    network_namespace: str = "auto",
+    max_processes: int = 8,
+    max_open_files: int = 64,
+    tmpfs_mb: int = 64,
+    max_output_kb: int = 1024,
+) -> float:
     """Fraction of the reference's tests that the response's code passes (see module docstring)."""
-    passed, total, _ = run_tests(extract_code(response, code_block), reference, timeout_s=timeout_s, cpu_s=cpu_s,
-                                 memory_mb=memory_mb, per_test_timeout_s=per_test_timeout_s, max_file_mb=max_file_mb,
-                                 allow_site_packages=allow_site_packages, network_namespace=network_namespace,
-                                 max_processes=max_processes, max_open_files=max_open_files, tmpfs_mb=tmpfs_mb,
-                                 max_output_kb=max_output_kb)
+    passed, total, _ = run_tests(
+        extract_code(response, code_block),
+        reference,
+        timeout_s=timeout_s,
+        cpu_s=cpu_s,
+        memory_mb=memory_mb,
+        per_test_timeout_s=per_test_timeout_s,
+        max_file_mb=max_file_mb,
+        allow_site_packages=allow_site_packages,
+        network_namespace=network_namespace,
+        max_processes=max_processes,
+        max_open_files=max_open_files,
+        tmpfs_mb=tmpfs_mb,
+        max_output_kb=max_output_kb,
+    )
     return passed / total
 
 

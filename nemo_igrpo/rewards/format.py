@@ -28,7 +28,9 @@ import re
 from nemo_igrpo.rewards.registry import register_reward
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_THINK_THEN_ANSWER = re.compile(r"<think>(?P<think>.*)</think>\s*<answer>(?P<answer>.*)</answer>(?P<tail>.*)", re.DOTALL)
+_THINK_THEN_ANSWER = re.compile(
+    r"<think>(?P<think>.*)</think>\s*<answer>(?P<answer>.*)</answer>(?P<tail>.*)", re.DOTALL
+)
 _THINK_BODY_THEN_ANSWER = re.compile(r"(?P<think>.*)</think>\s*<answer>(?P<answer>.*)</answer>(?P<tail>.*)", re.DOTALL)
 _ANSWER_ONLY = re.compile(r"<answer>(?P<answer>.*)</answer>(?P<tail>.*)", re.DOTALL)
 
@@ -37,8 +39,13 @@ def _tag_counts(text: str) -> dict[str, int]:
     return {tag: text.count(tag) for tag in _TAGS}
 
 
-def format_ok(response: str, *, require_think: bool = True, think_opened_in_prompt: bool = False,
-              allow_text_after_answer: bool = False) -> bool:
+def format_ok(
+    response: str,
+    *,
+    require_think: bool = True,
+    think_opened_in_prompt: bool = False,
+    allow_text_after_answer: bool = False,
+) -> bool:
     text = response.strip()
     counts = _tag_counts(text)
     if counts["<answer>"] != 1 or counts["</answer>"] != 1:
@@ -64,9 +71,20 @@ def format_ok(response: str, *, require_think: bool = True, think_opened_in_prom
 
 
 @register_reward("format")
-def format_reward(prompt: str, response: str, reference: object, *, require_think: bool = True,
-                  think_opened_in_prompt: bool = False, allow_text_after_answer: bool = False) -> float:
+def format_reward(
+    prompt: str,
+    response: str,
+    reference: object,
+    *,
+    require_think: bool = True,
+    think_opened_in_prompt: bool = False,
+    allow_text_after_answer: bool = False,
+) -> float:
     """1.0 for a well-formed `<think>..</think><answer>..</answer>` response (see module docstring)."""
-    ok = format_ok(response, require_think=require_think, think_opened_in_prompt=think_opened_in_prompt,
-                   allow_text_after_answer=allow_text_after_answer)
+    ok = format_ok(
+        response,
+        require_think=require_think,
+        think_opened_in_prompt=think_opened_in_prompt,
+        allow_text_after_answer=allow_text_after_answer,
+    )
     return 1.0 if ok else 0.0

@@ -74,7 +74,11 @@ def parse_score(reply: str) -> float:
     if text.startswith("{"):
         try:
             obj = json.loads(text)
-            if isinstance(obj, dict) and isinstance(obj.get("score"), (int, float)) and not isinstance(obj["score"], bool):
+            if (
+                isinstance(obj, dict)
+                and isinstance(obj.get("score"), (int, float))
+                and not isinstance(obj["score"], bool)
+            ):
                 candidates.append((repr(float(obj["score"])), None))
         except json.JSONDecodeError:
             pass
@@ -117,7 +121,9 @@ class JudgeClient:
         if cfg.api_key_env:
             api_key = os.environ.get(cfg.api_key_env)
             if not api_key:
-                raise ValueError(f"reward.judge.api_key_env: environment variable '{cfg.api_key_env}' is not set or empty")
+                raise ValueError(
+                    f"reward.judge.api_key_env: environment variable '{cfg.api_key_env}' is not set or empty"
+                )
         base = cfg.url.rstrip("/")
         api_root = base if base.endswith("/v1") else base + "/v1"
         self._chat_url, self._models_url = api_root + "/chat/completions", api_root + "/models"
@@ -126,8 +132,11 @@ class JudgeClient:
         # server that echoes request headers must not leak the key through them.
         self._redact = (lambda text: text.replace(api_key, "<api key>")) if api_key else (lambda text: text)
         # The key lives only inside the httpx client's headers; it is not kept on self.
-        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.timeout_s),
-                                  limits=httpx.Limits(max_connections=cfg.max_concurrent_requests))
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(cfg.timeout_s),
+            limits=httpx.Limits(max_connections=cfg.max_concurrent_requests),
+        )
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrent_requests, thread_name_prefix="reward-judge")
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
@@ -157,15 +166,22 @@ class JudgeClient:
             try:
                 reply = self._http.request(method, url, json=payload)
             except httpx.TimeoutException as e:
-                raise TimeoutError(f"judge request timed out after {self.cfg.timeout_s}s ({type(e).__name__})") from None
+                raise TimeoutError(
+                    f"judge request timed out after {self.cfg.timeout_s}s ({type(e).__name__})"
+                ) from None
             except httpx.TransportError as e:
                 raise ConnectionError(f"judge server {self.cfg.url} unreachable ({type(e).__name__}: {e})") from None
             if is_retryable_status(reply.status_code):
                 raise RetryableStatus(reply.status_code, f"judge server answered HTTP {reply.status_code}")
             return reply
 
-        reply = call_with_retries(once, retries=self.cfg.max_retries, backoff_s=self.cfg.retry_backoff_s,
-                                  transient=(TimeoutError, ConnectionError, RetryableStatus), what=f"judge {method} {url}")
+        reply = call_with_retries(
+            once,
+            retries=self.cfg.max_retries,
+            backoff_s=self.cfg.retry_backoff_s,
+            transient=(TimeoutError, ConnectionError, RetryableStatus),
+            what=f"judge {method} {url}",
+        )
         if reply.status_code != 200:
             raise RuntimeError(f"judge server answered HTTP {reply.status_code}: {self._redact(reply.text)[:200]}")
         try:
@@ -191,7 +207,11 @@ class JudgeClient:
         template = self.cfg.rubric or DEFAULT_RUBRIC
         # Sequential replacement would let a response containing "{reference}" pull the
         # reference into itself; one pass over the template avoids that.
-        values = {"{prompt}": prompt, "{response}": response, "{reference}": "" if reference is None else str(reference)}
+        values = {
+            "{prompt}": prompt,
+            "{response}": response,
+            "{reference}": "" if reference is None else str(reference),
+        }
         return re.sub(r"\{prompt\}|\{response\}|\{reference\}", lambda m: values[m.group(0)], template)
 
     def score_one(self, prompt: str, response: str, reference: Any) -> float:
@@ -201,17 +221,22 @@ class JudgeClient:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        body = self._send("POST", self._chat_url, {
-            "model": self.model(),
-            "messages": [{"role": "user", "content": self._rubric_text(prompt, response, reference)}],
-            "max_tokens": self.cfg.max_tokens,
-            "temperature": self.cfg.temperature,
-        })
+        body = self._send(
+            "POST",
+            self._chat_url,
+            {
+                "model": self.model(),
+                "messages": [{"role": "user", "content": self._rubric_text(prompt, response, reference)}],
+                "max_tokens": self.cfg.max_tokens,
+                "temperature": self.cfg.temperature,
+            },
+        )
         try:
             reply = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise MalformedJudgeReply(
-                f"judge reply has no choices[0].message.content: {self._redact(json.dumps(body))[:200]}") from None
+                f"judge reply has no choices[0].message.content: {self._redact(json.dumps(body))[:200]}"
+            ) from None
         if not isinstance(reply, str):
             raise MalformedJudgeReply(f"judge reply content is {type(reply).__name__}, not text")
         score = parse_score(self._redact(reply))
@@ -232,8 +257,11 @@ class JudgeClient:
             unique.setdefault((prompts[i], responses[i]), []).append(i)
         with self._lock:
             cached = {key: self._cache[key] for key in unique if key in self._cache}
-        futures = {key: self._pool.submit(self.score_one, key[0], key[1], references[idx[0]])
-                   for key, idx in unique.items() if key not in cached}
+        futures = {
+            key: self._pool.submit(self.score_one, key[0], key[1], references[idx[0]])
+            for key, idx in unique.items()
+            if key not in cached
+        }
         for key, indices in unique.items():
             status, value, message = "cached", cached.get(key), None
             if key in futures:

@@ -125,8 +125,9 @@ def _worker_main(conn: multiprocessing.connection.Connection, pickled_terms: byt
 class _Worker:
     def __init__(self, ctx: Any, pickled_terms: bytes):
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, pickled_terms), daemon=True,
-                                   name="reward-worker")
+        self.process = ctx.Process(
+            target=_worker_main, args=(child_conn, pickled_terms), daemon=True, name="reward-worker"
+        )
         self.process.start()
         child_conn.close()
         self.started_at = time.monotonic()
@@ -336,8 +337,16 @@ class RewardManager:
                 raise RewardConfigError(f"{key}.name: {term.name!r} appears twice; combine them into one term")
             if not import_paths and ":" in term.name:
                 # Not resolved here (see check_reward_config); only its name is used by the checks.
-                terms.append(_Term(term.name, float(term.weight), None, dict(term.kwargs or {}),  # type: ignore[arg-type]
-                                   float(term.min_score), float(term.max_score)))
+                terms.append(
+                    _Term(
+                        term.name,
+                        float(term.weight),
+                        None,
+                        dict(term.kwargs or {}),  # type: ignore[arg-type]
+                        float(term.min_score),
+                        float(term.max_score),
+                    )
+                )
                 continue
             try:
                 fn = resolve_reward(term.name)
@@ -357,7 +366,9 @@ class RewardManager:
                 try:
                     inspect.signature(fn).bind("prompt", "response", None, **kwargs)
                 except TypeError as e:
-                    raise RewardConfigError(f"{key}.kwargs: {term.name} does not accept {sorted(kwargs)}: {e}") from None
+                    raise RewardConfigError(
+                        f"{key}.kwargs: {term.name} does not accept {sorted(kwargs)}: {e}"
+                    ) from None
                 except ValueError:
                     pass  # no signature available (a builtin): checked at call time
                 try:
@@ -406,8 +417,10 @@ class RewardManager:
             raise RuntimeError("RewardManager.score called after close()")
         for i, s in enumerate(samples):
             if not isinstance(s.response, str) or not isinstance(s.prompt, str):
-                raise TypeError(f"reward sample {i}: prompt and response must be str, got "
-                                f"{type(s.prompt).__name__} and {type(s.response).__name__}")
+                raise TypeError(
+                    f"reward sample {i}: prompt and response must be str, got "
+                    f"{type(s.prompt).__name__} and {type(s.response).__name__}"
+                )
         with self._lock:
             return self._score(list(samples))
 
@@ -421,12 +434,19 @@ class RewardManager:
         judge_future: Optional[Future] = None
         if self._judge is not None and n:
             judge_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-judge-batch")
-            judge_future = judge_thread.submit(self._judge.score_batch, [s.prompt for s in samples],
-                                               [s.response for s in samples], [s.reference for s in samples])
+            judge_future = judge_thread.submit(
+                self._judge.score_batch,
+                [s.prompt for s in samples],
+                [s.response for s in samples],
+                [s.reference for s in samples],
+            )
             judge_thread.shutdown(wait=False)
 
-        tasks = [(sample * num_terms + t, t, s.prompt, s.response, s.reference)
-                 for sample, s in enumerate(samples) for t in self._pool_terms]
+        tasks = [
+            (sample * num_terms + t, t, s.prompt, s.response, s.reference)
+            for sample, s in enumerate(samples)
+            for t in self._pool_terms
+        ]
         if self._pool is not None:
             results = self._pool.run(tasks, self.cfg.timeout_s)
         else:
@@ -464,8 +484,10 @@ class RewardManager:
                     if not math.isfinite(values[i]):
                         kind, messages[(t, i)] = "nonfinite", f"returned {values[i]}"
                     elif not term.min_score <= values[i] <= term.max_score:
-                        kind, messages[(t, i)] = "out_of_range", (
-                            f"returned {values[i]}, outside [{term.min_score}, {term.max_score}]")
+                        kind, messages[(t, i)] = (
+                            "out_of_range",
+                            (f"returned {values[i]}, outside [{term.min_score}, {term.max_score}]"),
+                        )
                 if kind == "ok":
                     continue
                 counts["timeouts" if kind == "timeout" else "errors" if kind == "error" else kind] += 1
@@ -513,8 +535,11 @@ class RewardManager:
             term = self._terms[t]
             try:
                 value = term.fn(prompt, response, reference, **term.kwargs)
-                results[task_id] = (("ok", float(value)) if isinstance(value, numbers.Real)
-                                    else ("error", f"returned a {type(value).__name__}, not a number"))
+                results[task_id] = (
+                    ("ok", float(value))
+                    if isinstance(value, numbers.Real)
+                    else ("error", f"returned a {type(value).__name__}, not a number")
+                )
             except (Exception, SystemExit) as e:  # noqa: BLE001
                 # SystemExit too (a reward calling sys.exit() or exit()): in a worker it is one
                 # sample's error, and inline it must not end the trainer with exit code 0.
@@ -546,9 +571,12 @@ class RewardManager:
                     logger.warning(
                         "reward term %r failed on all %d samples of this step (%d step(s) in a row%s); "
                         "they were scored reward.fallback_score=%s. Last error: %s",
-                        term.name, total, streak,
+                        term.name,
+                        total,
+                        streak,
                         f"; the run stops at reward.max_failing_steps={limit}" if limit > 0 else "",
-                        self.cfg.fallback_score, self._last_error.get(term.name, "?"),
+                        self.cfg.fallback_score,
+                        self._last_error.get(term.name, "?"),
                     )
                 else:
                     self._failing_steps[term.name] = 0
@@ -563,7 +591,9 @@ class RewardManager:
                 f"reward term {name!r} failed on every sample for {streak} consecutive steps "
                 f"(reward.max_failing_steps={limit}); last error: {last}. Fix the reward function or its "
                 f"kwargs, or remove it from reward.terms (reward.max_failing_steps=0 never stops)",
-                term=name, steps=streak, last_error=last,
+                term=name,
+                steps=streak,
+                last_error=last,
             )
         return metrics
 
@@ -575,5 +605,11 @@ class RewardManager:
         logger.warning(
             "reward term %r: %s on sample %d (%s); scored reward.fallback_score=%s. Response starts: %r. "
             "Further %s events of this term are only counted (reward/* metrics).",
-            term, kind, index, message, self.cfg.fallback_score, preview, kind,
+            term,
+            kind,
+            index,
+            message,
+            self.cfg.fallback_score,
+            preview,
+            kind,
         )

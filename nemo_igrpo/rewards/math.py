@@ -222,8 +222,16 @@ def _has_huge_number(parsed: list, max_digits: int) -> bool:
     return False
 
 
-def answers_match(answer: str, reference: Any, *, parse_timeout_s: int = 2, verify_timeout_s: int = 2,
-                  float_rounding: int = 6, strict: bool = True, free_text: bool = False) -> bool:
+def answers_match(
+    answer: str,
+    reference: Any,
+    *,
+    parse_timeout_s: int = 2,
+    verify_timeout_s: int = 2,
+    float_rounding: int = 6,
+    strict: bool = True,
+    free_text: bool = False,
+) -> bool:
     """Whether `answer` (an extracted answer, or a whole response when `free_text`) equals `reference`."""
     ref_text = _reference_text(reference)
     ans_number, ref_number = _as_plain_number(answer), _as_plain_number(ref_text)
@@ -241,8 +249,13 @@ def answers_match(answer: str, reference: Any, *, parse_timeout_s: int = 2, veri
     if _has_huge_number(predicted, max_digits=_MAX_NUMBER_DIGITS) and not _has_huge_number(gold, _MAX_NUMBER_DIGITS):
         return False
     return bool(
-        verify(gold, predicted, float_rounding=float_rounding, strict=strict,
-               timeout_seconds=int(verify_timeout_s) if use_timeouts else None)
+        verify(
+            gold,
+            predicted,
+            float_rounding=float_rounding,
+            strict=strict,
+            timeout_seconds=int(verify_timeout_s) if use_timeouts else None,
+        )
     )
 
 
@@ -269,8 +282,15 @@ def math_accuracy(
         return 0.0
     if source != "text" and (len(answer) > max_answer_chars or _nesting_depth(answer) > max_nesting_depth):
         return 0.0
-    matched = answers_match(answer, reference, parse_timeout_s=parse_timeout_s, verify_timeout_s=verify_timeout_s,
-                            float_rounding=float_rounding, strict=strict, free_text=source == "text")
+    matched = answers_match(
+        answer,
+        reference,
+        parse_timeout_s=parse_timeout_s,
+        verify_timeout_s=verify_timeout_s,
+        float_rounding=float_rounding,
+        strict=strict,
+        free_text=source == "text",
+    )
     return 1.0 if matched else 0.0
 
 

@@ -79,7 +79,9 @@ def _import_path(term: str) -> Callable[..., float]:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise RewardResolutionError(f"reward term {term!r}: module '{module_name}' has no attribute '{attr_path}'") from None
+            raise RewardResolutionError(
+                f"reward term {term!r}: module '{module_name}' has no attribute '{attr_path}'"
+            ) from None
     if not callable(obj):
         raise RewardResolutionError(f"reward term {term!r}: '{attr_path}' is a {type(obj).__name__}, not a callable")
     return obj

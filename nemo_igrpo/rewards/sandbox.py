@@ -112,7 +112,8 @@ def build_command(limits: SandboxLimits, allow_site_packages: bool = False) -> l
         raise SandboxUnavailableError(
             "code_tests: bubblewrap is not installed (no `bwrap` on PATH). Install the Debian package "
             "`bubblewrap` (scripts/setup_env.sh does it when run as root); the code reward never runs "
-            "solutions without it.")
+            "solutions without it."
+        )
     python, python_dirs = _python_paths(allow_site_packages)
     as_root = _is_host_root()
     outer: list[str] = []
@@ -123,7 +124,8 @@ def build_command(limits: SandboxLimits, allow_site_packages: bool = False) -> l
         if setpriv is None:
             raise SandboxUnavailableError(
                 "code_tests: running as root needs util-linux `setpriv` to start the sandbox as an "
-                "unprivileged user (root inside would ignore the process limit); install util-linux.")
+                "unprivileged user (root inside would ignore the process limit); install util-linux."
+            )
         # Outer: a private mount namespace (still root) with a tmpfs over /tmp, onto which what
         # nobody needs is bound where nobody can traverse to it.
         outer = [bwrap, "--dev-bind", "/", "/", "--tmpfs", _STAGE, "--die-with-parent"]
@@ -135,26 +137,69 @@ def build_command(limits: SandboxLimits, allow_site_packages: bool = False) -> l
         runner_source = f"{_STAGE}/igrpo-runner.py"
         # The uid change clears the parent-death signal (prctl(2)); --pdeathsig sets it again, so
         # the inner bwrap dies with the outer one, which dies with us (--die-with-parent).
-        outer += ["--", setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
-                  "--pdeathsig", "SIGKILL", "--"]
-    inner = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-             "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox"]
+        outer += [
+            "--",
+            setpriv,
+            f"--reuid={_NOBODY}",
+            f"--regid={_NOBODY}",
+            "--clear-groups",
+            "--pdeathsig",
+            "SIGKILL",
+            "--",
+        ]
+    inner = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--hostname",
+        "sandbox",
+    ]
     for key, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8")):
         inner += ["--setenv", key, value]
     inner += _system_binds()
     for host_dir, source in sources.items():
         inner += ["--ro-bind", source, host_dir]  # at its own path: pyenv's libpython has an absolute rpath
-    inner += ["--ro-bind", runner_source, _RUNNER_INSIDE,
-              "--dev", "/dev", "--proc", "/proc",
-              "--size", str(int(limits.tmpfs_mb) * 1024 * 1024), "--tmpfs", "/tmp", "--chdir", "/tmp",
-              # Only /tmp stays writable: /dev and bwrap's root are tmpfs too, without a size limit.
-              "--remount-ro", "/dev", "--remount-ro", "/"]
+    inner += [
+        "--ro-bind",
+        runner_source,
+        _RUNNER_INSIDE,
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--size",
+        str(int(limits.tmpfs_mb) * 1024 * 1024),
+        "--tmpfs",
+        "/tmp",
+        "--chdir",
+        "/tmp",
+        # Only /tmp stays writable: /dev and bwrap's root are tmpfs too, without a size limit.
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+    ]
     mb = 1024 * 1024
-    runner = [python, "-I"] + ([] if allow_site_packages else ["-S"]) + [
-        _RUNNER_INSIDE, str(int(limits.cpu_s)), str(int(limits.memory_mb) * mb), str(int(limits.max_file_mb) * mb),
-        str(int(limits.max_open_files)), str(int(limits.max_processes)),
-        # The in-sandbox watchdog's deadline: after the parent's own (which normally ends the run).
-        str(int(math.ceil(limits.wall_s)) + 5)]
+    runner = (
+        [python, "-I"]
+        + ([] if allow_site_packages else ["-S"])
+        + [
+            _RUNNER_INSIDE,
+            str(int(limits.cpu_s)),
+            str(int(limits.memory_mb) * mb),
+            str(int(limits.max_file_mb) * mb),
+            str(int(limits.max_open_files)),
+            str(int(limits.max_processes)),
+            # The in-sandbox watchdog's deadline: after the parent's own (which normally ends the run).
+            str(int(math.ceil(limits.wall_s)) + 5),
+        ]
+    )
     return outer + inner + ["--"] + runner
 
 
@@ -170,8 +215,15 @@ def _kill(proc: subprocess.Popen) -> None:
 def _run(command: list[str], job: dict, limits: SandboxLimits) -> SandboxResult:
     payload = json.dumps(job).encode()
     # start_new_session: bwrap gets its own process group. No preexec_fn: unsafe in threads.
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        start_new_session=True,
+    )
     deadline = time.monotonic() + limits.wall_s
     out, err = bytearray(), bytearray()
     truncated = timed_out = False
@@ -229,8 +281,9 @@ def _run(command: list[str], job: dict, limits: SandboxLimits) -> SandboxResult:
                 stream.close()
             except OSError:
                 pass
-    return SandboxResult(bytes(out[: limits.max_output_bytes]), truncated, timed_out,
-                         None if timed_out else returncode, bytes(err))
+    return SandboxResult(
+        bytes(out[: limits.max_output_bytes]), truncated, timed_out, None if timed_out else returncode, bytes(err)
+    )
 
 
 def _host_setting_hint(stderr: str) -> str:
@@ -247,15 +300,21 @@ def _host_setting_hint(stderr: str) -> str:
     if read("/proc/sys/user/max_user_namespaces") == "0":
         hints.append("sysctl user.max_user_namespaces=0 (set it above 0, e.g. 15000)")
     if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        hints.append("sysctl kernel.apparmor_restrict_unprivileged_userns=1 (set it to 0, or give bwrap an "
-                     "AppArmor profile that allows userns)")
+        hints.append(
+            "sysctl kernel.apparmor_restrict_unprivileged_userns=1 (set it to 0, or give bwrap an "
+            "AppArmor profile that allows userns)"
+        )
     if "Operation not permitted" in stderr and ("namespace" in stderr or "unshare" in stderr) and not hints:
-        hints.append("a seccomp filter or container runtime forbids unshare (Docker's default profile does: "
-                     "run the container with --security-opt seccomp=unconfined or a profile allowing "
-                     "unshare/clone with namespace flags)")
+        hints.append(
+            "a seccomp filter or container runtime forbids unshare (Docker's default profile does: "
+            "run the container with --security-opt seccomp=unconfined or a profile allowing "
+            "unshare/clone with namespace flags)"
+        )
     if "proc" in stderr and not hints:
-        hints.append("mounting a new /proc is refused (a container with a masked /proc, e.g. Docker without "
-                     "--security-opt systempaths=unconfined)")
+        hints.append(
+            "mounting a new /proc is refused (a container with a masked /proc, e.g. Docker without "
+            "--security-opt systempaths=unconfined)"
+        )
     return "; ".join(hints) if hints else "unprivileged user namespaces must be allowed on this host"
 
 
@@ -280,7 +339,8 @@ def _checked(allow_site_packages: bool) -> bool:
     raise SandboxUnavailableError(
         f"code_tests: the bubblewrap sandbox does not start here, so no solution is run "
         f"(exit {result.returncode}{', timed out' if result.timed_out else ''}: {stderr[-500:] or 'no message'}). "
-        f"Host setting: {_host_setting_hint(stderr)}. See docs/rewards.md, 'code_tests sandbox'.")
+        f"Host setting: {_host_setting_hint(stderr)}. See docs/rewards.md, 'code_tests sandbox'."
+    )
 
 
 def ensure_available(allow_site_packages: bool = False) -> None:

@@ -68,7 +68,9 @@ def group_device(group=None) -> torch.device:
         return torch.device("cpu")
     if "cuda" in devices:
         return torch.device("cuda", torch.cuda.current_device())
-    raise RuntimeError(f"process group backend {dist.get_backend_config(group)!r} supports neither CPU nor CUDA tensors")
+    raise RuntimeError(
+        f"process group backend {dist.get_backend_config(group)!r} supports neither CPU nor CUDA tensors"
+    )
 
 
 def init_control_group(minutes: float) -> None:

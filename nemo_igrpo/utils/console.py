@@ -17,6 +17,7 @@ any one of them leaves the others, so a quiet session works on the descriptors t
 On ranks other than 0 nothing is written to the terminal at all; torchrun still shows a
 failed rank's exit and traceback, because the traceback is printed after the restore.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -123,8 +124,9 @@ class _ProjectConsoleHandler(logging.Handler):
 
 
 def _terminal_stream(fd: int, like: IO[str]) -> IO[str]:
-    return os.fdopen(fd, "w", buffering=1, encoding=getattr(like, "encoding", None) or "utf-8",
-                     errors="replace", closefd=False)
+    return os.fdopen(
+        fd, "w", buffering=1, encoding=getattr(like, "encoding", None) or "utf-8", errors="replace", closefd=False
+    )
 
 
 @contextlib.contextmanager
@@ -171,11 +173,14 @@ def session(run_dir: str | Path, mode: str = "quiet", command: str = "train") ->
     logging.captureWarnings(True)  # warnings become log records (into the file), not raw stderr
 
     _active = s
-    print(f"===== igrpo {command} (pid {os.getpid()}, rank {rank}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====",
-          flush=True)
+    print(
+        f"===== igrpo {command} (pid {os.getpid()}, rank {rank}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====", flush=True
+    )
     if rank == 0:
-        term_out.write(f"{PREFIX} {command}: run dir {run_dir}; other libraries' output goes to {log_path} "
-                       "(--verbose shows it here)\n")
+        term_out.write(
+            f"{PREFIX} {command}: run dir {run_dir}; other libraries' output goes to {log_path} "
+            "(--verbose shows it here)\n"
+        )
         term_out.flush()
     try:
         yield s

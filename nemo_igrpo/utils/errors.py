@@ -53,8 +53,16 @@ class PromptDoesNotFit(UserError, ValueError):
     `where` names the problem for the user ("train.jsonl: line 12", see `Problem.location`);
     without it the message falls back to the problem's 0-based position."""
 
-    def __init__(self, message: str, *, problem_index: Optional[int], needed: int, limit: int, key: str,
-                 where: Optional[str] = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        problem_index: Optional[int],
+        needed: int,
+        limit: int,
+        key: str,
+        where: Optional[str] = None,
+    ):
         if where is None and problem_index is not None:
             where = f"problem {problem_index}"
         prefix = f"{where}: " if where else ""

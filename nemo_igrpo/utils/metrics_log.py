@@ -5,6 +5,7 @@ metrics.jsonl is append-only, one JSON object per line with a `step` key. On res
 lines of steps after the checkpoint are dropped first, so a killed-and-resumed run's file
 reads exactly like an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, enabled: bool, config_dict: Optional[dict] = None):
+    def __init__(
+        self, run_dir: Path, cfg: LoggingConfig, run_name: str, enabled: bool, config_dict: Optional[dict] = None
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
@@ -71,9 +74,17 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb=true needs the wandb package: pip install 'nemo-igrpo[wandb]'") from None
-            self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name,
-                                     dir=str(run_dir), config=config_dict, resume="allow")
+                raise RuntimeError(
+                    "logging.wandb=true needs the wandb package: pip install 'nemo-igrpo[wandb]'"
+                ) from None
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=run_name,
+                dir=str(run_dir),
+                config=config_dict,
+                resume="allow",
+            )
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -116,14 +127,20 @@ class MetricsLogger:
 
 def step_summary(rec: dict, max_steps: int) -> str:
     """The one console line per step."""
+
     def g(key, fmt="{:.3f}"):
         v = rec.get(key)
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    parts = [f"step {rec['step']}/{max_steps}",
-             f"draft {g('reward/draft_mean')}", f"refine {g('reward/refine_mean')}",
-             f"loss {g('loss', '{:+.4f}')}", f"entropy {g('entropy')}", f"lr {g('lr', '{:.2e}')}",
-             f"{g('timing/step_s', '{:.1f}')} s"]
+    parts = [
+        f"step {rec['step']}/{max_steps}",
+        f"draft {g('reward/draft_mean')}",
+        f"refine {g('reward/refine_mean')}",
+        f"loss {g('loss', '{:+.4f}')}",
+        f"entropy {g('entropy')}",
+        f"lr {g('lr', '{:.2e}')}",
+        f"{g('timing/step_s', '{:.1f}')} s",
+    ]
     if "eval/accuracy" in rec:
         parts.append(f"eval acc {rec['eval/accuracy']:.3f}")
     return " | ".join(parts)

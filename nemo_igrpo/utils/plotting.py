@@ -1,5 +1,6 @@
 """`igrpo plot`: reward, accuracy, entropy and the mechanism diagnostics per step as PNG,
 several runs overlaid; `plot_comparison` (for `igrpo compare`): arms overlaid, mean over seeds."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,14 +14,22 @@ PANELS = [
     ("accuracy", ["eval/accuracy"], "held-out accuracy (single-shot)"),
     ("entropy", ["entropy"], "policy entropy (nats/token)"),
     # Mechanism diagnostics (rollout.py, `_diagnostics`); a panel is skipped when no run has them.
-    ("zero_variance", ["diag/stage2_zero_variance_frac", "diag/stage1_zero_variance_frac"],
-     "groups with zero reward variance"),
-    ("best_draft", ["diag/best_draft_correct", "diag/best_draft_prop31"],
-     "best draft correct vs Prop. 3.1 1-(1-p)^N"),
-    ("refine_split", ["diag/refine_acc_draft_correct", "diag/refine_acc_draft_wrong"],
-     "refinement accuracy by appended draft"),
-    ("refine_copy", ["diag/refine_copy_frac", "diag/refine_copy_frac_draft_wrong"],
-     "refinements repeating the draft verbatim"),
+    (
+        "zero_variance",
+        ["diag/stage2_zero_variance_frac", "diag/stage1_zero_variance_frac"],
+        "groups with zero reward variance",
+    ),
+    ("best_draft", ["diag/best_draft_correct", "diag/best_draft_prop31"], "best draft correct vs Prop. 3.1 1-(1-p)^N"),
+    (
+        "refine_split",
+        ["diag/refine_acc_draft_correct", "diag/refine_acc_draft_wrong"],
+        "refinement accuracy by appended draft",
+    ),
+    (
+        "refine_copy",
+        ["diag/refine_copy_frac", "diag/refine_copy_frac_draft_wrong"],
+        "refinements repeating the draft verbatim",
+    ),
 ]
 
 # `igrpo compare` overlays: one line per arm (mean over seeds), each seed as a thin line.
@@ -38,7 +47,9 @@ COMPARE_PANELS = [
 ]
 
 
-def plot_runs(run_dirs: Sequence[str], out_dir: Optional[str] = None, labels: Optional[Sequence[str]] = None) -> list[Path]:
+def plot_runs(
+    run_dirs: Sequence[str], out_dir: Optional[str] = None, labels: Optional[Sequence[str]] = None
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters and CI
@@ -116,8 +127,14 @@ def plot_comparison(arms: dict[str, list[list[dict]]], out_dir: Path) -> list[Pa
             steps = sorted({x for s in per_seed for x in s})
             # Mean over the seeds that logged the step (all do for a finished comparison).
             means = [sum(s[x] for s in per_seed if x in s) / sum(1 for s in per_seed if x in s) for x in steps]
-            ax.plot(steps, means, color=colour, linewidth=2, marker="o" if len(steps) < 20 else None,
-                    label=f"{arm} (mean of {len(per_seed)})")
+            ax.plot(
+                steps,
+                means,
+                color=colour,
+                linewidth=2,
+                marker="o" if len(steps) < 20 else None,
+                label=f"{arm} (mean of {len(per_seed)})",
+            )
             drawn += 1
         if not drawn:
             plt.close(fig)

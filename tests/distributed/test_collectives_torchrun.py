@@ -1,5 +1,6 @@
 """Collectives on the right device and with the configured timeout (GPU-path issue, items 3 and
 6), checked on CPU with real processes: see scripts/collectives_check.py."""
+
 from __future__ import annotations
 
 import json

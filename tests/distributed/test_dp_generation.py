@@ -1,6 +1,7 @@
 """Data-parallel generation in the colocated layout (generation/data_parallel.py): two ranks with
 one vLLM engine each give exactly the greedy samples, rewards and advantages of one engine on
 rank 0, and a weight sync reaches both engines. Real torchrun processes, vLLM's CPU build."""
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,8 @@ def test_two_engines_equal_one(tiny_llama_dir, tmp_path):
     assert [r["engines"] for r in single] == [True, False] and [r["engines"] for r in dp] == [True, True]
     for key in ("step1", "step2", "eval"):
         assert dp[0][key] == single[0][key], f"{key}: data-parallel generation differs from one engine"
-    assert dp[0]["step1"]["tokens"] != dp[0]["step2"]["tokens"], "the update changed nothing: the test cannot see a sync"
+    assert dp[0]["step1"]["tokens"] != dp[0]["step2"]["tokens"], (
+        "the update changed nothing: the test cannot see a sync"
+    )
     # Both engines took the new weights: rank 1's own engine answers like rank 0's.
     assert dp[1]["own_engine"] == dp[0]["own_engine"] == single[0]["own_engine"]

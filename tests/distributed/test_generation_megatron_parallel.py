@@ -2,6 +2,7 @@
 2 processes (gloo): at TP2 and at PP2 both ranks call generate() together and each gets the full
 results, identical to the TP1 run on the same checkpoint. One launch builds the three layouts in
 turn (see scripts/generation_megatron_parallel.py); each test reads its part."""
+
 from __future__ import annotations
 
 import json

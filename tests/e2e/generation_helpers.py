@@ -1,5 +1,6 @@
 """Reference computations for the generation tests, done with Hugging Face transformers (the
 independent implementation every backend is checked against)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +18,8 @@ def hf_model(model_dir: Path):
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt):].tolist()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
 
 
 @torch.no_grad()

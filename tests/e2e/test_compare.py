@@ -4,6 +4,7 @@ cheapest engine to start); then the same command again, which must skip every fi
 
 Checks the run layout, that the arms really ran at the matched budget (the GRPO arm samples all
 N + G from the bare prompt, the iGRPO arm logs draft diagnostics), and the report files."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,38 @@ def test_compare_two_arms_two_seeds(tiny_llama_dir, tmp_path):
     write_jsonl(train[:50], tmp_path / "train.jsonl")
     write_jsonl(held_out[:4], tmp_path / "eval.jsonl")
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "nemo_igrpo.compare", "--seeds", "2", "--out", str(out), str(REPO / "conf" / "demo.yaml"),
-           f"policy.model.hf_path={tiny_llama_dir}", f"data.train_path={tmp_path / 'train.jsonl'}",
-           f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.prompts_per_step=2", "algorithm.num_drafts=2",
-           "algorithm.num_refinements=2", "generation.max_new_tokens=4", "generation.backend=megatron",
-           "trainer.max_steps=1", "trainer.save_every=0", "trainer.export_hf=false", "trainer.progress_bars=false",
-           "eval.num_samples=1", "logging.tensorboard=false",
-           # The random tiny model is never right: a graded reward gives the groups variance.
-           "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "nemo_igrpo.compare",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        str(REPO / "conf" / "demo.yaml"),
+        f"policy.model.hf_path={tiny_llama_dir}",
+        f"data.train_path={tmp_path / 'train.jsonl'}",
+        f"data.eval_path={tmp_path / 'eval.jsonl'}",
+        "data.prompts_per_step=2",
+        "algorithm.num_drafts=2",
+        "algorithm.num_refinements=2",
+        "generation.max_new_tokens=4",
+        "generation.backend=megatron",
+        "trainer.max_steps=1",
+        "trainer.save_every=0",
+        "trainer.export_hf=false",
+        "trainer.progress_bars=false",
+        "eval.num_samples=1",
+        "logging.tensorboard=false",
+        # The random tiny model is never right: a graded reward gives the groups variance.
+        "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = (out / "train.log").read_text()[-6000:] if (out / "train.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log}"

@@ -4,6 +4,7 @@ The six benchmarks are written in the formats they were published in, converted 
 preparation the users run (`prepare_dataset`, as `igrpo data prepare`), and evaluated single-shot
 by two tiny models side by side through a real generation backend (the in-framework Megatron
 one: the cheapest on CPU), with small sample counts given on the command line."""
+
 from __future__ import annotations
 
 import json
@@ -38,12 +39,24 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
 # The demo's shipped warm start answers "max(a,b)=" right about two times in three, so the table
 # holds real, non-zero Pass@1 values; the random tiny model scores (almost) nothing beside it.
 WARM_START = next((REPO / "nemo_igrpo" / "demo" / "assets").glob("warmstart-*"))
-PAIRS = [(38, 45), (71, 12), (50, 59), (23, 88), (64, 46), (17, 93), (80, 28), (35, 53), (92, 29), (44, 47), (66, 61),
-         (19, 91)]
+PAIRS = [
+    (38, 45),
+    (71, 12),
+    (50, 59),
+    (23, 88),
+    (64, 46),
+    (17, 93),
+    (80, 28),
+    (35, 53),
+    (92, 29),
+    (44, 47),
+    (66, 61),
+    (19, 91),
+]
 
 
 def _max_rows(start: int) -> list[tuple[str, int]]:
-    return [(f"max({a},{b})=", max(a, b)) for a, b in PAIRS[start:start + 2]]
+    return [(f"max({a},{b})=", max(a, b)) for a, b in PAIRS[start : start + 2]]
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +69,45 @@ def bench_dir(tmp_path_factory) -> Path:
     url = "https://artofproblemsolving.com/wiki/index.php/{}_Problems/Problem_{}"
     sources = {
         # opencompass/AIME2025: question / answer (strings), one JSONL per exam
-        "aime25": _jsonl(src / "AIME2025" / "aime2025-I.jsonl", [{"question": q, "answer": str(a)} for q, a in _max_rows(0)]),
+        "aime25": _jsonl(
+            src / "AIME2025" / "aime2025-I.jsonl", [{"question": q, "answer": str(a)} for q, a in _max_rows(0)]
+        ),
         # Maxwell-Jia/AIME_2024: ID / Problem / Solution / Answer (an integer), Parquet
-        "aime24": _parquet(src / "aime24.parquet", [{"ID": f"2024-I-{i}", "Problem": q, "Solution": "-", "Answer": a}
-                                                    for i, (q, a) in enumerate(_max_rows(2))]),
+        "aime24": _parquet(
+            src / "aime24.parquet",
+            [
+                {"ID": f"2024-I-{i}", "Problem": q, "Solution": "-", "Answer": a}
+                for i, (q, a) in enumerate(_max_rows(2))
+            ],
+        ),
         # HuggingFaceH4/MATH-500: problem / solution / answer / subject / level / unique_id
-        "math500": _jsonl(src / "math500" / "test.jsonl", [
-            {"problem": q, "solution": f"$\\boxed{{{a}}}$", "answer": str(a), "subject": "Algebra", "level": 1,
-             "unique_id": f"test/algebra/{i}.json"} for i, (q, a) in enumerate(_max_rows(4))]),
+        "math500": _jsonl(
+            src / "math500" / "test.jsonl",
+            [
+                {
+                    "problem": q,
+                    "solution": f"$\\boxed{{{a}}}$",
+                    "answer": str(a),
+                    "subject": "Algebra",
+                    "level": 1,
+                    "unique_id": f"test/algebra/{i}.json",
+                }
+                for i, (q, a) in enumerate(_max_rows(4))
+            ],
+        ),
         # AI-MO/aimo-validation-amc: float answers, years in the url, a hub Parquet snapshot
-        "amc23": _parquet(src / "amc" / "data" / "train-00000-of-00001.parquet", [
-            {"id": i, "problem": q, "answer": float(a), "url": url.format("2023_AMC_12A", i)}
-            for i, (q, a) in enumerate(_max_rows(6))]),
+        "amc23": _parquet(
+            src / "amc" / "data" / "train-00000-of-00001.parquet",
+            [
+                {"id": i, "problem": q, "answer": float(a), "url": url.format("2023_AMC_12A", i)}
+                for i, (q, a) in enumerate(_max_rows(6))
+            ],
+        ),
         # openai/gsm8k: question / answer ending "#### N"
-        "gsm8k": _jsonl(src / "gsm8k" / "test.jsonl", [{"question": q, "answer": f"The larger one.\n#### {a}"}
-                                                       for q, a in _max_rows(8)]),
+        "gsm8k": _jsonl(
+            src / "gsm8k" / "test.jsonl",
+            [{"question": q, "answer": f"The larger one.\n#### {a}"} for q, a in _max_rows(8)],
+        ),
         # math-ai/minervamath: question / answer
         "minerva_math": _jsonl(src / "minerva.jsonl", [{"question": q, "answer": str(a)} for q, a in _max_rows(10)]),
     }
@@ -84,23 +121,52 @@ def _env() -> dict:
 
 
 def _eval_cmd(model: Path, bench_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "nemo_igrpo", "eval", str(DEMO_CONF), f"policy.model.hf_path={model}",
-            f"data.train_path={bench_dir / 'gsm8k.jsonl'}", "data.eval_path=null", "generation.backend=megatron",
-            "generation.max_new_tokens=24", "reward.num_workers=0", "--suite", "paper", "--data-dir", str(bench_dir),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "nemo_igrpo",
+        "eval",
+        str(DEMO_CONF),
+        f"policy.model.hf_path={model}",
+        f"data.train_path={bench_dir / 'gsm8k.jsonl'}",
+        "data.eval_path=null",
+        "generation.backend=megatron",
+        "generation.max_new_tokens=24",
+        "reward.num_workers=0",
+        "--suite",
+        "paper",
+        "--data-dir",
+        str(bench_dir),
+        *extra,
+    ]
 
 
 def test_paper_suite_side_by_side(tiny_llama_dir, bench_dir, tmp_path):
     out = tmp_path / "suite.json"
-    cmd = _eval_cmd(WARM_START, bench_dir, "--checkpoint", str(WARM_START), "--checkpoint", str(tiny_llama_dir),
-                    "--labels", "warm", "random", "--samples", "aime24=3", "--samples", "2", "--output", str(out))
+    cmd = _eval_cmd(
+        WARM_START,
+        bench_dir,
+        "--checkpoint",
+        str(WARM_START),
+        "--checkpoint",
+        str(tiny_llama_dir),
+        "--labels",
+        "warm",
+        "random",
+        "--samples",
+        "aime24=3",
+        "--samples",
+        "2",
+        "--output",
+        str(out),
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
     # The printed table: the protocol line, the paper's column order, both rows and their difference.
     lines = proc.stdout.splitlines()
     top = next(i for i, line in enumerate(lines) if line.startswith("suite paper:"))
-    protocol, head, row_a, row_b, diff = lines[top:top + 5]
+    protocol, head, row_a, row_b, diff = lines[top : top + 5]
     assert "T=0.6" in protocol and "top-p=0.95" in protocol and "NOT the suite's protocol" in protocol
     assert "aime24: 3 samples instead of 64" in protocol and "math500: 2 samples instead of 8" in protocol
     assert head.split() == ["model"] + PAPER_COLUMNS
@@ -108,13 +174,28 @@ def test_paper_suite_side_by_side(tiny_llama_dir, bench_dir, tmp_path):
     assert len(row_a.split()) == 8 and len(diff.split()) == 10
 
     report = json.loads(out.read_text())
-    assert report["suite"] == "paper" and report["settings"]["temperature"] == 0.6 and report["settings"]["top_p"] == 0.95
-    assert [b["name"] for b in report["benchmarks"]] == ["aime25", "aime24", "math500", "amc23", "gsm8k", "minerva_math"]
+    assert (
+        report["suite"] == "paper" and report["settings"]["temperature"] == 0.6 and report["settings"]["top_p"] == 0.95
+    )
+    assert [b["name"] for b in report["benchmarks"]] == [
+        "aime25",
+        "aime24",
+        "math500",
+        "amc23",
+        "gsm8k",
+        "minerva_math",
+    ]
     assert [r["label"] for r in report["rows"]] == ["warm", "random"]
     for row in report["rows"]:
         res = row["results"]
         assert {name: r["num_samples"] for name, r in res.items()} == {
-            "aime25": 2, "aime24": 3, "math500": 2, "amc23": 2, "gsm8k": 2, "minerva_math": 2}
+            "aime25": 2,
+            "aime24": 3,
+            "math500": 2,
+            "amc23": 2,
+            "gsm8k": 2,
+            "minerva_math": 2,
+        }
         assert all(r["num_problems"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in res.values())
         assert row["average"] == pytest.approx(sum(r["accuracy"] for r in res.values()) / 6)
     a, b = (row["results"] for row in report["rows"])
@@ -134,8 +215,9 @@ def test_missing_benchmark_file_fails_before_loading_a_model(tiny_llama_dir, ben
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "gsm8k.jsonl").write_text((bench_dir / "gsm8k.jsonl").read_text())
-    proc = subprocess.run(_eval_cmd(tiny_llama_dir, partial), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        _eval_cmd(tiny_llama_dir, partial), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("igrpo eval: error: suite 'paper': benchmark file(s) missing: ")

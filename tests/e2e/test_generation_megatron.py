@@ -2,6 +2,7 @@
 megatron-core's static inference engine: greedy output and log-probs checked against
 transformers on the same checkpoint; seeds, batching, stop conditions, log-prob modes and the
 process state the engine touches. TP2 / PP2: tests/distributed/test_generation_megatron_parallel.py."""
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,9 @@ def test_stop_token(setup):
     _, backend, reference = setup
     greedy = hf_greedy(reference, PROMPTS[0], 12)
     stop = greedy[3]
-    out = backend.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=[stop]))[0][0]
+    out = backend.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=[stop]))[0][
+        0
+    ]
     assert out.finish_reason == "stop" and out.token_ids == greedy[: greedy.index(stop) + 1]
 
 
@@ -78,9 +81,15 @@ def test_prompts_of_different_lengths_batched_equal_one_at_a_time(setup):
         alone = backend.generate([prompt], params)[0]
         assert [s.token_ids for s in samples] == [s.token_ids for s in alone]
         assert samples[0].token_ids == hf_greedy(reference, prompt, 9)
-        torch.testing.assert_close(torch.tensor(samples[0].logprobs), torch.tensor(alone[0].logprobs), rtol=0, atol=1e-5)
-        torch.testing.assert_close(torch.tensor(samples[0].logprobs),
-                                   hf_token_logprobs(reference, prompt, samples[0].token_ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(samples[0].logprobs), torch.tensor(alone[0].logprobs), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            torch.tensor(samples[0].logprobs),
+            hf_token_logprobs(reference, prompt, samples[0].token_ids),
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_seeded_samples_do_not_depend_on_batch_composition(setup):
@@ -108,7 +117,7 @@ def test_processed_logprobs_are_the_sampled_distribution(setup, tiny_qwen2_dir):
         for s in samples:
             ids = torch.tensor([prompt + s.token_ids])
             with torch.no_grad():
-                logits = reference(ids).logits[0, len(prompt) - 1:-1].float()
+                logits = reference(ids).logits[0, len(prompt) - 1 : -1].float()
             processed = torch.log_softmax(top_p_filter(logits / temperature, top_p), dim=-1)
             expected = processed.gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
             assert torch.isfinite(expected).all(), "a token outside the top-p set was sampled"
@@ -120,8 +129,9 @@ def test_stop_string_and_finish_reasons(setup):
     greedy = hf_greedy(reference, PROMPTS[1], 12)
     text = actor.tokenizer.decode(greedy, skip_special_tokens=True)
     stop = text[3:5]
-    cut = next(k for k in range(1, len(greedy) + 1)
-               if stop in actor.tokenizer.decode(greedy[:k], skip_special_tokens=True))
+    cut = next(
+        k for k in range(1, len(greedy) + 1) if stop in actor.tokenizer.decode(greedy[:k], skip_special_tokens=True)
+    )
     out = backend.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12, stop_strings=[stop]))
     assert out[1][0].finish_reason == "stop" and out[1][0].token_ids == greedy[:cut]
     assert stop in out[1][0].text
@@ -152,9 +162,15 @@ def test_process_state_is_restored_and_training_still_works(setup):
         assert torch.equal(torch.get_rng_state(), rng)  # the engine reseeds torch; put back
     # A training step right after generating, on the generated samples (autograd must not meet
     # any tensor the engine made under inference mode).
-    samples = [TrainSample(token_ids=s.prompt_token_ids + s.token_ids, response_start=len(s.prompt_token_ids),
-                           advantage=1.0 if i % 2 else -1.0, generation_logprobs=torch.tensor(s.logprobs))
-               for i, s in enumerate(x for r in out for x in r)]
+    samples = [
+        TrainSample(
+            token_ids=s.prompt_token_ids + s.token_ids,
+            response_start=len(s.prompt_token_ids),
+            advantage=1.0 if i % 2 else -1.0,
+            generation_logprobs=torch.tensor(s.logprobs),
+        )
+        for i, s in enumerate(x for r in out for x in r)
+    ]
 
     def loss_fn(inp, norm):
         return -(inp.logprobs * inp.advantages).sum() / norm.num_tokens, {}

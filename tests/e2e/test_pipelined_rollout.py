@@ -7,12 +7,18 @@
   two-barrier rollout's batch: the same token ids, rewards, advantages and log-probs, with the
   adaptive draft budget, two refinement rounds, overlong shaping and dynamic sampling on.
 One engine for the module (start-up is the expensive part)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.config import AlgorithmConfig, DraftTemplateConfig, DynamicSamplingConfig, OverlongShapingConfig
+from nemo_igrpo.algorithms.config import (
+    AlgorithmConfig,
+    DraftTemplateConfig,
+    DynamicSamplingConfig,
+    OverlongShapingConfig,
+)
 from nemo_igrpo.algorithms.rollout import IGRPORollout
 from nemo_igrpo.data.datasets import Problem
 from nemo_igrpo.generation.config import GenerationConfig
@@ -25,8 +31,9 @@ MAX_NEW = 24
 
 
 def gen_cfg(stop_strings=()) -> GenerationConfig:
-    cfg = GenerationConfig(backend="vllm", max_new_tokens=MAX_NEW, max_prompt_tokens=512, temperature=1.0,
-                           stop_strings=list(stop_strings))
+    cfg = GenerationConfig(
+        backend="vllm", max_new_tokens=MAX_NEW, max_prompt_tokens=512, temperature=1.0, stop_strings=list(stop_strings)
+    )
     cfg.vllm.cpu_omp_threads_bind = "nobind"  # the test machine's cores are shared
     cfg.vllm.max_model_len = 1024
     return cfg
@@ -80,7 +87,7 @@ def test_stream_returns_what_generate_returns(engine):
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6, n=2)
     with engine.open_stream() as stream:
         stream.submit(0, PROMPTS[1], greedy)
-        (key, results), = stream.wait()
+        ((key, results),) = stream.wait()
     assert key == 0 and as_tuples(results) == as_tuples(engine.generate([PROMPTS[1]], greedy)[0])
 
 
@@ -100,13 +107,23 @@ def problems(start: int, count: int) -> list[Problem]:
     return [Problem(i, f"max({10 + i},{90 - i})=", str(max(10 + i, 90 - i))) for i in range(start, start + count)]
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("paper", AlgorithmConfig(num_drafts=4, num_refinements=4)),
-    ("adaptive_rounds_shaping_dynamic", AlgorithmConfig(
-        num_drafts=4, num_refinements=2, adaptive_draft_budget=True, refinement_rounds=2,
-        overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=16, penalty=1.0),
-        dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=1))),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("paper", AlgorithmConfig(num_drafts=4, num_refinements=4)),
+        (
+            "adaptive_rounds_shaping_dynamic",
+            AlgorithmConfig(
+                num_drafts=4,
+                num_refinements=2,
+                adaptive_draft_budget=True,
+                refinement_rounds=2,
+                overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=16, penalty=1.0),
+                dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=1),
+            ),
+        ),
+    ],
+)
 def test_pipelined_rollout_matches_the_barrier_rollout_on_vllm(engine, rewards, tiny_llama_dir, name, cfg, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -134,9 +151,16 @@ def test_pipelined_rollout_matches_the_barrier_rollout_on_vllm(engine, rewards, 
     batches = {}
     for pipelined in (False, True):
         refills = iter([problems(20, 6)])
-        rollout = IGRPORollout(cfg, gen_cfg(stops), engine, rewards, tok, seed=3,
-                               pipeline_refinements=None if pipelined else False,
-                               problem_source=lambda k: next(refills)[:k])
+        rollout = IGRPORollout(
+            cfg,
+            gen_cfg(stops),
+            engine,
+            rewards,
+            tok,
+            seed=3,
+            pipeline_refinements=None if pipelined else False,
+            problem_source=lambda k: next(refills)[:k],
+        )
         assert rollout.pipelined is pipelined  # on by default for the vLLM backend
         batches[pipelined] = rollout.run(problems(0, 6), step=2)
     barrier, pipelined = batches[False], batches[True]
@@ -147,8 +171,16 @@ def test_pipelined_rollout_matches_the_barrier_rollout_on_vllm(engine, rewards, 
         assert a.advantage == b.advantage
         assert torch.allclose(a.generation_logprobs, b.generation_logprobs, atol=1e-5)
     assert [r["drafts"] for r in pipelined.records] == [r["drafts"] for r in barrier.records]
-    for key in ("reward/draft_mean", "reward/refine_mean", "response_length/draft_mean", "response_length/refine_mean",
-                "groups/kept", "groups/dropped", "groups/generation_batches", "samples/trained"):
+    for key in (
+        "reward/draft_mean",
+        "reward/refine_mean",
+        "response_length/draft_mean",
+        "response_length/refine_mean",
+        "groups/kept",
+        "groups/dropped",
+        "groups/generation_batches",
+        "samples/trained",
+    ):
         assert pipelined.metrics.get(key) == barrier.metrics.get(key), key
     lengths = {s.response_length for s in barrier.samples}
     assert len(lengths) > 3

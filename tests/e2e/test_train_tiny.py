@@ -8,6 +8,7 @@ plot CLIs. (The actor's non-finite guard is tested in tests/distributed; the tra
 repeated non-finite steps was checked by hand with a diverging learning rate, which is not a
 reliable test: float32 overflow shows up in different places run to run.)
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,17 @@ import pytest
 from helpers import REPO
 
 DEMO_CONF = REPO / "conf" / "demo.yaml"
-REQUIRED = ["step", "reward/refine_mean", "entropy", "loss", "timing/step_s", "timing/rollout_s",
-            "timing/update_s", "timing/weight_sync_s", "generation/logprob_mismatch"]
+REQUIRED = [
+    "step",
+    "reward/refine_mean",
+    "entropy",
+    "loss",
+    "timing/step_s",
+    "timing/rollout_s",
+    "timing/update_s",
+    "timing/weight_sync_s",
+    "generation/logprob_mismatch",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +50,22 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _overrides(model_dir: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"policy.model.hf_path={model_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
-            f"data.eval_path={data_dir / 'eval.jsonl'}", f"run.dir={run_dir}", "data.prompts_per_step=4",
-            "algorithm.num_drafts=2", "algorithm.num_refinements=2", "generation.max_new_tokens=12",
-            "trainer.eval_every=0", "eval.num_samples=1", "policy.optimizer.lr=1e-3", "logging.tensorboard=true",
-            "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
-            *extra]
+    return [
+        f"policy.model.hf_path={model_dir}",
+        f"data.train_path={data_dir / 'train.jsonl'}",
+        f"data.eval_path={data_dir / 'eval.jsonl'}",
+        f"run.dir={run_dir}",
+        "data.prompts_per_step=4",
+        "algorithm.num_drafts=2",
+        "algorithm.num_refinements=2",
+        "generation.max_new_tokens=12",
+        "trainer.eval_every=0",
+        "eval.num_samples=1",
+        "policy.optimizer.lr=1e-3",
+        "logging.tensorboard=true",
+        "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
+        *extra,
+    ]
 
 
 def _train_cmd(overrides: list[str]) -> list[str]:
@@ -119,12 +139,15 @@ def test_weights_change_and_export_loads(straight_run, tiny_llama_dir):
 def test_resume_after_sigterm_matches_straight_run(straight_run, tiny_llama_dir, data_dir, tmp_path):
     run_dir = tmp_path / "resumed"
     ov = _overrides(tiny_llama_dir, data_dir, run_dir, "trainer.max_steps=4", "trainer.save_every=2")
-    proc = subprocess.Popen(_train_cmd(ov), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        _train_cmd(ov), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics_path = run_dir / "metrics.jsonl"
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
-        if metrics_path.exists() and any(json.loads(l).get("step", 0) >= 1 for l in metrics_path.read_text().splitlines() if l.strip()):
+        if metrics_path.exists() and any(
+            json.loads(l).get("step", 0) >= 1 for l in metrics_path.read_text().splitlines() if l.strip()
+        ):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)  # as Slurm does before pre-emption
@@ -150,10 +173,20 @@ def test_resume_after_sigterm_matches_straight_run(straight_run, tiny_llama_dir,
 
 def test_grpo_baseline_same_command(tiny_llama_dir, data_dir, tmp_path):
     run_dir = tmp_path / "grpo"
-    proc = _run(_overrides(tiny_llama_dir, data_dir, run_dir, "trainer.max_steps=2", "algorithm.num_drafts=0",
-                           "algorithm.num_refinements=4", "trainer.export_hf=false", "data.eval_path=null",
-                           # also the path with a separate old-log-prob pass (the default reuses the update's)
-                           "algorithm.recompute_old_logprobs=true"))
+    proc = _run(
+        _overrides(
+            tiny_llama_dir,
+            data_dir,
+            run_dir,
+            "trainer.max_steps=2",
+            "algorithm.num_drafts=0",
+            "algorithm.num_refinements=4",
+            "trainer.export_hf=false",
+            "data.eval_path=null",
+            # also the path with a separate old-log-prob pass (the default reuses the update's)
+            "algorithm.recompute_old_logprobs=true",
+        )
+    )
     _assert_ok(proc)
     m = _metrics(run_dir)
     assert sorted(m) == [1, 2]  # no eval set: no step-0 record
@@ -173,10 +206,23 @@ def test_missing_dataset_field_names_file_and_line(tmp_path, tiny_llama_dir, dat
 
 def test_eval_cli_on_run_dir(straight_run, tiny_llama_dir, data_dir, tmp_path):
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "nemo_igrpo", "eval", str(DEMO_CONF),
-           f"policy.model.hf_path={tiny_llama_dir}", f"data.train_path={data_dir / 'train.jsonl'}",
-           f"data.eval_path={data_dir / 'eval.jsonl'}", "eval.num_samples=4", "eval.pass_k=[1,2,4]",
-           "generation.max_new_tokens=12", "--checkpoint", str(straight_run), "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nemo_igrpo",
+        "eval",
+        str(DEMO_CONF),
+        f"policy.model.hf_path={tiny_llama_dir}",
+        f"data.train_path={data_dir / 'train.jsonl'}",
+        f"data.eval_path={data_dir / 'eval.jsonl'}",
+        "eval.num_samples=4",
+        "eval.pass_k=[1,2,4]",
+        "generation.max_new_tokens=12",
+        "--checkpoint",
+        str(straight_run),
+        "--output",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     _assert_ok(proc)
     report = json.loads(out.read_text())
@@ -189,11 +235,26 @@ def test_eval_cli_on_run_dir(straight_run, tiny_llama_dir, data_dir, tmp_path):
 
 
 def test_plot_cli_overlays_runs(straight_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nemo_igrpo", "plot", str(straight_run), str(straight_run),
-                           "--labels", "a", "b", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_igrpo",
+            "plot",
+            str(straight_run),
+            str(straight_run),
+            "--labels",
+            "a",
+            "b",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     _assert_ok(proc)
     for name in ("reward.png", "accuracy.png", "entropy.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-

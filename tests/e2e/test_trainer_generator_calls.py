@@ -4,6 +4,7 @@ weight sync and the next rollout; when sleeping dropped its weights, they are se
 update was skipped. A real run (megatron actor, megatron generation backend, tiny model) whose
 backend is wrapped to record the calls; the wrapper changes nothing except, on one step,
 reporting that sleep dropped the weights as vLLM's level-2 sleep does on a GPU."""
+
 from __future__ import annotations
 
 
@@ -51,13 +52,27 @@ def test_sleep_update_wake_order(tiny_llama_dir, tmp_path):
     train, held_out = split_pairs(0, 16)
     write_jsonl(train[:50], tmp_path / "train.jsonl")
     write_jsonl(held_out[:4], tmp_path / "eval.jsonl")
-    cfg = load_config(REPO / "conf" / "demo.yaml", [
-        f"policy.model.hf_path={tiny_llama_dir}", f"data.train_path={tmp_path / 'train.jsonl'}",
-        f"data.eval_path={tmp_path / 'eval.jsonl'}", f"run.dir={tmp_path / 'run'}", "data.prompts_per_step=2",
-        "algorithm.num_drafts=1", "algorithm.num_refinements=2", "generation.max_new_tokens=4",
-        "generation.backend=megatron", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0",
-        "trainer.export_hf=false", "trainer.progress_bars=false", "eval.num_samples=1", "logging.tensorboard=false",
-    ])
+    cfg = load_config(
+        REPO / "conf" / "demo.yaml",
+        [
+            f"policy.model.hf_path={tiny_llama_dir}",
+            f"data.train_path={tmp_path / 'train.jsonl'}",
+            f"data.eval_path={tmp_path / 'eval.jsonl'}",
+            f"run.dir={tmp_path / 'run'}",
+            "data.prompts_per_step=2",
+            "algorithm.num_drafts=1",
+            "algorithm.num_refinements=2",
+            "generation.max_new_tokens=4",
+            "generation.backend=megatron",
+            "trainer.max_steps=3",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.export_hf=false",
+            "trainer.progress_bars=false",
+            "eval.num_samples=1",
+            "logging.tensorboard=false",
+        ],
+    )
     calls: list[str] = []
     skip_steps = {2, 3}
 
@@ -81,7 +96,15 @@ def test_sleep_update_wake_order(tiny_llama_dir, tmp_path):
     Recorded(cfg, console=lambda msg: None).run()
     assert _collapse(calls) == [
         "generate",  # held-out evaluation before training + step 1's drafts and refinements
-        "sleep", "update_weights", "wake_up", "generate",  # step 1: trained, synced
-        "sleep", "update_weights", "wake_up", "generate",  # step 2: skipped, but the weights were dropped
-        "sleep", "wake_up", "generate",  # step 3: skipped, weights kept: nothing to send; final evaluation
+        "sleep",
+        "update_weights",
+        "wake_up",
+        "generate",  # step 1: trained, synced
+        "sleep",
+        "update_weights",
+        "wake_up",
+        "generate",  # step 2: skipped, but the weights were dropped
+        "sleep",
+        "wake_up",
+        "generate",  # step 3: skipped, weights kept: nothing to send; final evaluation
     ], calls

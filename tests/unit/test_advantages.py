@@ -99,7 +99,9 @@ def test_matches_float64_reference_on_random_groups(name):
         for rewards in (binary, graded, two_terms):
             got = ADVANTAGE_ESTIMATORS[name](rewards, EPS)
             assert got.dtype == rewards.dtype and got.shape == rewards.shape
-            expected = torch.tensor([REFERENCES[name](row, EPS) for row in rewards.double().tolist()], dtype=torch.float64)
+            expected = torch.tensor(
+                [REFERENCES[name](row, EPS) for row in rewards.double().tolist()], dtype=torch.float64
+            )
             assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5), (name, group_size)
 
 

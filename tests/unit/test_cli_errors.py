@@ -1,5 +1,6 @@
 """The real `igrpo` command on bad input: exit code 2, one line naming the file / key / sample, no
 traceback, and nothing built or written first. Runs `python -m nemo_igrpo` as a user would."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def igrpo(*args: str, env: dict | None = None, timeout: float = 300) -> subproce
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     run_env.pop("RANK", None)
     run_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nemo_igrpo", *map(str, args)], cwd=REPO, env=run_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nemo_igrpo", *map(str, args)],
+        cwd=REPO,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def error_line(proc: subprocess.CompletedProcess, command: str = "train") -> str:
@@ -52,20 +59,30 @@ def good_data(tmp_path: Path) -> Path:
 
 def test_tensor_parallel_that_does_not_divide_the_heads(tmp_path):
     run_dir = tmp_path / "run"
-    proc = igrpo("train", BASE, f"data.train_path={good_data(tmp_path)}", f"run.dir={run_dir}",
-                 "policy.tensor_parallel_size=3")
+    proc = igrpo(
+        "train", BASE, f"data.train_path={good_data(tmp_path)}", f"run.dir={run_dir}", "policy.tensor_parallel_size=3"
+    )
     line = only_line(proc)
-    assert line.startswith(f"igrpo train: error: {BASE}: 'policy.tensor_parallel_size': 3 does not divide the model's "
-                           "4 attention heads (policy.model.tiny.num_attention_heads)")
+    assert line.startswith(
+        f"igrpo train: error: {BASE}: 'policy.tensor_parallel_size': 3 does not divide the model's "
+        "4 attention heads (policy.model.tiny.num_attention_heads)"
+    )
     assert not run_dir.exists()  # nothing written: config.yaml comes after the checks
 
 
 def test_unknown_reward_term(tmp_path):
     run_dir = tmp_path / "run"
-    proc = igrpo("train", BASE, f"data.train_path={good_data(tmp_path)}", f"run.dir={run_dir}",
-                 "reward.terms=[{name: math_accuracy}, {name: formatt}]")
+    proc = igrpo(
+        "train",
+        BASE,
+        f"data.train_path={good_data(tmp_path)}",
+        f"run.dir={run_dir}",
+        "reward.terms=[{name: math_accuracy}, {name: formatt}]",
+    )
     line = only_line(proc)
-    assert "'reward.terms[1].name': reward term 'formatt' is not registered" in line and "(did you mean 'format'?)" in line
+    assert (
+        "'reward.terms[1].name': reward term 'formatt' is not registered" in line and "(did you mean 'format'?)" in line
+    )
     assert not run_dir.exists()
 
 
@@ -77,8 +94,13 @@ def test_multi_line_yaml_error_is_one_line(tmp_path):
 
 
 def test_model_folder_missing_for_train(tmp_path):
-    proc = igrpo("train", BASE, f"data.train_path={good_data(tmp_path)}", f"run.dir={tmp_path / 'run'}",
-                 f"policy.model.hf_path={tmp_path / 'no_model'}")
+    proc = igrpo(
+        "train",
+        BASE,
+        f"data.train_path={good_data(tmp_path)}",
+        f"run.dir={tmp_path / 'run'}",
+        f"policy.model.hf_path={tmp_path / 'no_model'}",
+    )
     assert f"policy.model.hf_path: {tmp_path / 'no_model'} is not a directory" in only_line(proc)
 
 
@@ -106,16 +128,19 @@ def test_unsupported_model_under_train(tmp_path):
 
     model = tmp_path / "gpt2"
     make_char_tokenizer(model)
-    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
-                                                   "num_attention_heads": 32, "num_key_value_heads": 8}))
+    (model / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "num_attention_heads": 32, "num_key_value_heads": 8})
+    )
     run_dir = tmp_path / "run"
     # A data file with a bad line too: the model is checked first, before data and megatron set-up.
     data = tmp_path / "bad.jsonl"
     data.write_text("not json\n")
-    line = only_line(igrpo("train", BASE, f"data.train_path={data}", f"run.dir={run_dir}",
-                           f"policy.model.hf_path={model}"))
-    assert line.startswith(f"igrpo train: error: {model / 'config.json'}: architecture GPT2LMHeadModel is not "
-                           "supported yet"), line
+    line = only_line(
+        igrpo("train", BASE, f"data.train_path={data}", f"run.dir={run_dir}", f"policy.model.hf_path={model}")
+    )
+    assert line.startswith(
+        f"igrpo train: error: {model / 'config.json'}: architecture GPT2LMHeadModel is not supported yet"
+    ), line
     assert not run_dir.exists()
 
 

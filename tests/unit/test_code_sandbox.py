@@ -50,7 +50,9 @@ def test_correct_solution_scores_one_and_wrong_zero():
 
 
 def test_reference_as_snippet_and_dict():
-    snippet = "import math\nBASE = 2\nassert add(BASE, 1) == 3\nassert add(1, 1) == math.floor(2.5)\nassert add(1, 1) == 3\n"
+    snippet = (
+        "import math\nBASE = 2\nassert add(BASE, 1) == 3\nassert add(1, 1) == math.floor(2.5)\nassert add(1, 1) == 3\n"
+    )
     assert [kind for kind, _ in parse_tests(snippet)] == ["setup", "setup", "test", "test", "test"]
     assert run_tests(CORRECT, snippet, **LIMITS)[:2] == (2, 3)
     assert run_tests(CORRECT, {"setup": "K = 10", "tests": ["assert add(K, 1) == 11"]}, **LIMITS)[:2] == (1, 1)
@@ -60,11 +62,23 @@ def test_reference_as_snippet_and_dict():
 def test_assert_shapes_judged_in_the_parent_or_the_reference_sandbox():
     reference = {
         "setup": "import math\nexpected = 11\ns = Stack()\ns.push(3)\ndef helper(x):\n    return add(x, 1)\n",
-        "tests": ["assert add(10, 1) == expected", "assert not is_prime(8)", "assert is_prime(7)",
-                  "assert all(add(x, x) == 2 * x for x in range(3))", "assert isinstance(add(1, 1), int)",
-                  "assert math.isclose(add(0.1, 0.2), 0.3)", "assert s.pop() == 3", "assert helper(1) == 2",
-                  "x = add(1, 2)\nassert x == 3\nassert x > 2", "add(1, 2)", "assert add((1,), (2,)) == (1, 2)",
-                  "assert add(1, 2) == 4", "assert (", "assert sorted(add([3], [1])) == [1, 3]"]}
+        "tests": [
+            "assert add(10, 1) == expected",
+            "assert not is_prime(8)",
+            "assert is_prime(7)",
+            "assert all(add(x, x) == 2 * x for x in range(3))",
+            "assert isinstance(add(1, 1), int)",
+            "assert math.isclose(add(0.1, 0.2), 0.3)",
+            "assert s.pop() == 3",
+            "assert helper(1) == 2",
+            "x = add(1, 2)\nassert x == 3\nassert x > 2",
+            "add(1, 2)",
+            "assert add((1,), (2,)) == (1, 2)",
+            "assert add(1, 2) == 4",
+            "assert (",
+            "assert sorted(add([3], [1])) == [1, 3]",
+        ],
+    }
     solution = CORRECT + textwrap.dedent("""
         def is_prime(n):
             return n > 1 and all(n % d for d in range(2, n))
@@ -119,16 +133,20 @@ def test_partial_credit_survives_a_hang_in_a_later_test():
 
 
 def test_scratch_files_in_the_private_tmp_are_allowed():
-    uses_scratch = ("def add(a, b):\n    with open('scratch.txt', 'w') as f:\n        f.write(str(a + b))\n"
-                    "    return int(open('/tmp/scratch.txt').read())\n")
+    uses_scratch = (
+        "def add(a, b):\n    with open('scratch.txt', 'w') as f:\n        f.write(str(a + b))\n"
+        "    return int(open('/tmp/scratch.txt').read())\n"
+    )
     assert score(uses_scratch) == 1.0
 
 
 def test_clean_environment_and_stdlib_available(monkeypatch):
     monkeypatch.setenv("IGRPO_SECRET_TOKEN", "do-not-leak")
-    probe = ("import os, json, collections, dataclasses, re, math, itertools, functools, heapq, sqlite3, ctypes\n"
-             "def add(a, b):\n    assert 'IGRPO_SECRET_TOKEN' not in os.environ\n"
-             "    assert os.getcwd() == os.environ['HOME'] == '/tmp'\n    return a + b\n")
+    probe = (
+        "import os, json, collections, dataclasses, re, math, itertools, functools, heapq, sqlite3, ctypes\n"
+        "def add(a, b):\n    assert 'IGRPO_SECRET_TOKEN' not in os.environ\n"
+        "    assert os.getcwd() == os.environ['HOME'] == '/tmp'\n    return a + b\n"
+    )
     assert score(probe) == 1.0
 
 
@@ -188,7 +206,9 @@ def _is_inner_python(proc: psutil.Process) -> bool:
         cmd = proc.cmdline()
     except psutil.Error:
         return False
-    return bool(cmd) and "python" in Path(cmd[0]).name and any(part.endswith("/igrpo/_sandbox_runner.py") for part in cmd)
+    return (
+        bool(cmd) and "python" in Path(cmd[0]).name and any(part.endswith("/igrpo/_sandbox_runner.py") for part in cmd)
+    )
 
 
 def _runner_processes(parent_pid: int) -> list[psutil.Process]:
@@ -412,8 +432,14 @@ def test_escape_is_contained(name, victim, listener, tmp_path, monkeypatch):
     secret_file.write_text(secret)
     host_file = tmp_path / "pwned.txt"
     attack = textwrap.dedent(ESCAPES[name]).format(
-        victim_pid=victim.pid, host_file=str(host_file), marker=marker, parent_pid=os.getpid(), secret=secret,
-        secret_file=str(secret_file), port=listener.getsockname()[1])
+        victim_pid=victim.pid,
+        host_file=str(host_file),
+        marker=marker,
+        parent_pid=os.getpid(),
+        secret=secret,
+        secret_file=str(secret_file),
+        port=listener.getsockname()[1],
+    )
     before_tmp = set(os.listdir("/tmp"))
     started = time.monotonic()
     passed, total, lines = run_tests(extract_code(fenced(attack)), TESTS, **LIMITS)
@@ -458,9 +484,16 @@ def test_sandbox_does_not_outlive_a_killed_parent():
     # The RewardManager kills a hung worker: the sandbox must not outlive its wall-clock budget
     # (10 s here) without the parent that would have killed it (bwrap's --die-with-parent, and
     # the runner's in-sandbox watchdog at the budget + 5 s).
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "from nemo_igrpo.rewards.code import run_tests\n"
-        "run_tests('import time\\ntime.sleep(1000)\\n', ['assert True'], timeout_s=10.0, per_test_timeout_s=None)\n")])
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "from nemo_igrpo.rewards.code import run_tests\n"
+                "run_tests('import time\\ntime.sleep(1000)\\n', ['assert True'], timeout_s=10.0, per_test_timeout_s=None)\n"
+            ),
+        ]
+    )
     try:
         deadline = time.monotonic() + 120  # imports on a loaded 2-core machine
         sandboxes: list = []
@@ -490,8 +523,9 @@ def test_reward_manager_refuses_at_start_when_the_sandbox_cannot_start(monkeypat
     monkeypatch.setenv("PATH", str(tmp_path))
     sandbox._checked.cache_clear()
     try:
-        cfg = RewardConfig(terms=[RewardTermConfig(name="code_tests", weight=1.0)], num_workers=0,
-                           correctness_term="code_tests")
+        cfg = RewardConfig(
+            terms=[RewardTermConfig(name="code_tests", weight=1.0)], num_workers=0, correctness_term="code_tests"
+        )
         with pytest.raises(UserError, match="bubblewrap"):
             RewardManager(cfg)
     finally:

@@ -2,6 +2,7 @@
 tensor on its group's device and control-plane traffic on the gloo group (GPU-path issue, item 3:
 a CPU all-reduce on the NCCL default group ended every multi-GPU run at step 1). The behaviour is
 checked with real processes in tests/distributed/test_collectives.py; this keeps the rule."""
+
 from __future__ import annotations
 
 import ast
@@ -12,9 +13,27 @@ import torch
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_igrpo"
 HELPER = PACKAGE / "utils" / "collectives.py"
 COLLECTIVES = {
-    "all_reduce", "broadcast", "broadcast_object_list", "all_gather", "all_gather_object", "all_gather_into_tensor",
-    "reduce_scatter", "reduce_scatter_tensor", "barrier", "reduce", "gather", "scatter", "send", "recv", "isend",
-    "irecv", "all_to_all", "all_to_all_single", "gather_object", "scatter_object_list", "monitored_barrier",
+    "all_reduce",
+    "broadcast",
+    "broadcast_object_list",
+    "all_gather",
+    "all_gather_object",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "all_to_all",
+    "all_to_all_single",
+    "gather_object",
+    "scatter_object_list",
+    "monitored_barrier",
 }
 
 
@@ -51,8 +70,10 @@ def test_no_raw_collectives_outside_the_helper():
 
 def test_the_scan_finds_a_raw_collective(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch\nimport torch.distributed as dist\nt = torch.ones(1)\ndist.all_reduce(t)\n"
-                   "torch.distributed.barrier()\n")
+    bad.write_text(
+        "import torch\nimport torch.distributed as dist\nt = torch.ones(1)\ndist.all_reduce(t)\n"
+        "torch.distributed.barrier()\n"
+    )
     assert len(_raw_collectives(bad, tmp_path)) == 2
 
 

@@ -1,6 +1,7 @@
 """`igrpo compare` without training: statistics, arms at a matched budget, the interleaved and
 resumable run order (training replaced by a fake that writes a metrics file), the report and
 its plots; and the second demo task's graded reward and data split."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 # --- statistics ---------------------------------------------------------------------------------
 
+
 def test_mean_ci_matches_student_t():
     s = compare.mean_ci([0.90, 0.92, 0.94])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.92)
     assert s["std"] == pytest.approx(0.02)
-    half = 4.302652729911275 * 0.02 / 3 ** 0.5  # t(0.975, 2)
+    half = 4.302652729911275 * 0.02 / 3**0.5  # t(0.975, 2)
     assert s["ci95"] == pytest.approx([0.92 - half, 0.92 + half])
     assert compare.mean_ci([0.5])["ci95"] is None and compare.mean_ci([])["mean"] is None
 
@@ -43,6 +45,7 @@ def test_t_quantile_table_fallback(monkeypatch):
 
 # --- arms ---------------------------------------------------------------------------------------
 
+
 def test_arms_share_the_budget():
     assert compare.arm_overrides("igrpo", 4, 4, {}) == ["algorithm.num_drafts=4", "algorithm.num_refinements=4"]
     assert compare.arm_overrides("grpo", 4, 4, {}) == ["algorithm.num_drafts=0", "algorithm.num_refinements=8"]
@@ -59,18 +62,29 @@ def test_arms_share_the_budget():
 
 # --- runs, resume and report (training faked) ----------------------------------------------------
 
+
 def fake_metrics(run_dir: Path, seed: int, arm: str, steps: int) -> None:
     """What a finished `igrpo train` leaves: step 0 and last-step evaluations, per-step records."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lift = 0.10 if arm == "igrpo" else 0.05
     recs = [{"step": 0, "eval/accuracy": 0.5 + 0.01 * seed}]
     for s in range(1, steps + 1):
-        rec = {"step": s, "reward/refine_mean": 0.5 + 0.02 * s, "entropy": 0.3 - 0.01 * s,
-               "diag/stage2_zero_variance_frac": 0.8 if arm == "igrpo" else 0.6}
+        rec = {
+            "step": s,
+            "reward/refine_mean": 0.5 + 0.02 * s,
+            "entropy": 0.3 - 0.01 * s,
+            "diag/stage2_zero_variance_frac": 0.8 if arm == "igrpo" else 0.6,
+        }
         if arm == "igrpo":
-            rec.update({"diag/stage1_zero_variance_frac": 0.5, "diag/best_draft_correct": 0.9,
-                        "diag/best_draft_prop31": 0.85, "diag/refine_acc_draft_wrong": 0.1,
-                        "diag/refine_copy_frac": 0.9})
+            rec.update(
+                {
+                    "diag/stage1_zero_variance_frac": 0.5,
+                    "diag/best_draft_correct": 0.9,
+                    "diag/best_draft_prop31": 0.85,
+                    "diag/refine_acc_draft_wrong": 0.1,
+                    "diag/refine_copy_frac": 0.9,
+                }
+            )
         recs.append(rec)
     recs.append({"step": steps, "eval/accuracy": 0.5 + 0.01 * seed + lift + 0.002 * seed * (arm == "grpo")})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -79,9 +93,18 @@ def fake_metrics(run_dir: Path, seed: int, arm: str, steps: int) -> None:
 def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     compare.add_arguments(p)
-    return p.parse_intermixed_args([str(REPO / "conf" / "demo.yaml"), "--out", str(tmp_path / "report"), *extra,
-                         "policy.model.hf_path=/nowhere", "data.train_path=/t.jsonl", "data.eval_path=/e.jsonl",
-                         "trainer.max_steps=3"])
+    return p.parse_intermixed_args(
+        [
+            str(REPO / "conf" / "demo.yaml"),
+            "--out",
+            str(tmp_path / "report"),
+            *extra,
+            "policy.model.hf_path=/nowhere",
+            "data.train_path=/t.jsonl",
+            "data.eval_path=/e.jsonl",
+            "trainer.max_steps=3",
+        ]
+    )
 
 
 def test_runs_are_interleaved_resumable_and_reported(tmp_path, monkeypatch):
@@ -183,6 +206,7 @@ def test_bad_arm_fails_before_training(tmp_path, monkeypatch):
 
 # --- the second demo task ---------------------------------------------------------------------------
 
+
 def test_parts_fraction_is_graded():
     from nemo_igrpo.demo.pairs import parts_fraction
 
@@ -214,8 +238,9 @@ def test_pairs_data_keep_held_out_pairs_apart(tmp_path):
 def test_demo_max2_config_loads():
     from nemo_igrpo.config import load_config
 
-    cfg = load_config(str(REPO / "conf" / "demo_max2.yaml"),
-                      ["policy.model.hf_path=/m", "data.train_path=/t", "data.eval_path=/e"])
+    cfg = load_config(
+        str(REPO / "conf" / "demo_max2.yaml"), ["policy.model.hf_path=/m", "data.train_path=/t", "data.eval_path=/e"]
+    )
     assert cfg.reward.correctness_term == "nemo_igrpo.demo.pairs:parts_fraction"
     assert cfg.algorithm.num_drafts == 4 and cfg.algorithm.num_refinements == 4
 
@@ -237,13 +262,20 @@ def test_demo_task_choice_uses_the_shipped_warm_starts(tmp_path, monkeypatch, ca
         return SimpleNamespace(last_step=cfg.trainer.max_steps, resumed_from=None)
 
     monkeypatch.setattr(trainer, "train", fake_train)
-    args = SimpleNamespace(seed=4, task="max2", config=None, cache_dir=str(tmp_path / "cache"),
-                           overrides=[f"run.dir={tmp_path / 'run'}", "trainer.max_steps=2"])
+    args = SimpleNamespace(
+        seed=4,
+        task="max2",
+        config=None,
+        cache_dir=str(tmp_path / "cache"),
+        overrides=[f"run.dir={tmp_path / 'run'}", "trainer.max_steps=2"],
+    )
     assert demo_run.run_demo(args) == 0
     cfg = seen["cfg"]
     assert cfg.seed == 4 and cfg.trainer.max_steps == 2
     assert cfg.reward.correctness_term == "nemo_igrpo.demo.pairs:parts_fraction"
-    assert "warmstart-max2-" in cfg.policy.model.hf_path and cfg.data.train_path.endswith("data-max2-split0/train.jsonl")
+    assert "warmstart-max2-" in cfg.policy.model.hf_path and cfg.data.train_path.endswith(
+        "data-max2-split0/train.jsonl"
+    )
     out = capsys.readouterr().out
     assert "using the shipped model" in out and "warm start (max2) step" not in out  # no retraining
     assert json.loads((tmp_path / "run" / "demo_summary.json").read_text())["accuracy_after"] == pytest.approx(0.6)

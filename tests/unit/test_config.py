@@ -1,4 +1,5 @@
 """The config system: composition, overrides, interpolation, and errors that name file and key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,11 +23,16 @@ def conf_dir(tmp_path: Path) -> Path:
     _write(d / "base.yaml", (REPO / "conf" / "base.yaml").read_text())
     _write(d / "model" / "small.yaml", "policy:\n  tensor_parallel_size: 2\n  pipeline_parallel_size: 2\n")
     # TP=8 needs a model whose heads it divides (checked at load time): 8 heads, 8 KV heads.
-    _write(d / "model" / "big.yaml", "policy:\n  tensor_parallel_size: 8\n"
-           "  model:\n    tiny: {num_attention_heads: 8, num_query_groups: 8}\n")
+    _write(
+        d / "model" / "big.yaml",
+        "policy:\n  tensor_parallel_size: 8\n  model:\n    tiny: {num_attention_heads: 8, num_query_groups: 8}\n",
+    )
     _write(d / "algorithm" / "grpo.yaml", "algorithm:\n  num_drafts: 0\n  num_refinements: 8\n")
-    _write(d / "run.yaml", "defaults:\n  - base\n  - model: small\n  - _self_\n"
-           "run:\n  name: exp1\ndata:\n  train_path: /data/train.jsonl\ntrainer:\n  max_steps: 7\n")
+    _write(
+        d / "run.yaml",
+        "defaults:\n  - base\n  - model: small\n  - _self_\n"
+        "run:\n  name: exp1\ndata:\n  train_path: /data/train.jsonl\ntrainer:\n  max_steps: 7\n",
+    )
     return d
 
 
@@ -41,8 +47,16 @@ def test_composition_and_public_keys(conf_dir):
 
 
 def test_dotted_and_group_overrides(conf_dir):
-    cfg = load_config(conf_dir / "run.yaml", ["trainer.max_steps=20", "model=big", "algorithm.num_drafts=0",
-                                               "algorithm.num_refinements=8", "run.dir=/tmp/x/${run.name}"])
+    cfg = load_config(
+        conf_dir / "run.yaml",
+        [
+            "trainer.max_steps=20",
+            "model=big",
+            "algorithm.num_drafts=0",
+            "algorithm.num_refinements=8",
+            "run.dir=/tmp/x/${run.name}",
+        ],
+    )
     assert cfg.trainer.max_steps == 20
     assert cfg.policy.tensor_parallel_size == 8
     assert cfg.algorithm.num_drafts == 0
@@ -102,7 +116,10 @@ def test_semantic_validation(conf_dir):
     with pytest.raises(ConfigError) as e:
         load_config(conf_dir / "run.yaml", ["generation.vllm.quantization=fp4"])
     assert "generation.vllm.quantization" in str(e.value) and "fp8_per_tensor" in str(e.value)
-    assert load_config(conf_dir / "run.yaml", ["generation.vllm.quantization=fp8_per_block"]).generation.vllm.quantization == "fp8_per_block"
+    assert (
+        load_config(conf_dir / "run.yaml", ["generation.vllm.quantization=fp8_per_block"]).generation.vllm.quantization
+        == "fp8_per_block"
+    )
 
 
 def test_invalid_yaml_names_file(conf_dir):
@@ -124,8 +141,12 @@ def test_cli_typo_exits_nonzero_naming_key(conf_dir):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "nemo_igrpo", "train", str(conf_dir / "run.yaml"),
-                           "trainer.max_stpes=3"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_igrpo", "train", str(conf_dir / "run.yaml"), "trainer.max_stpes=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "trainer.max_stpes" in proc.stderr and "trainer.max_steps" in proc.stderr
 
@@ -150,7 +171,9 @@ def test_tensor_parallel_must_fit_the_heads_of_the_hf_model(conf_dir, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(conf_dir / "run.yaml", [model, "policy.tensor_parallel_size=3"])
     msg = str(e.value)
-    assert "run.yaml" in msg and "'policy.tensor_parallel_size': 3 does not divide the model's 28 attention heads" in msg
+    assert (
+        "run.yaml" in msg and "'policy.tensor_parallel_size': 3 does not divide the model's 28 attention heads" in msg
+    )
     assert f"num_attention_heads in {hf / 'config.json'}" in msg and "[1, 2, 4, 28]" in msg
     # 7 divides the 28 attention heads but not the 4 key/value heads (nor they 7).
     with pytest.raises(ConfigError) as e:
@@ -177,14 +200,22 @@ def test_tensor_parallel_must_fit_the_heads_of_the_tiny_model(conf_dir):
         load_config(conf_dir / "run.yaml", ["policy.tensor_parallel_size=3"])
     assert "policy.model.tiny.num_attention_heads" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        load_config(conf_dir / "run.yaml", ["policy.tensor_parallel_size=2", "policy.model.tiny.num_attention_heads=6",
-                                            "policy.model.tiny.num_query_groups=3"])
+        load_config(
+            conf_dir / "run.yaml",
+            [
+                "policy.tensor_parallel_size=2",
+                "policy.model.tiny.num_attention_heads=6",
+                "policy.model.tiny.num_query_groups=3",
+            ],
+        )
     assert "2 and the model's 3 key/value heads (policy.model.tiny.num_query_groups)" in str(e.value)
 
 
 def test_model_not_on_this_machine_is_not_checked(conf_dir):
     # A cluster config rendered on a login node: the launcher checks the known shapes there.
-    cfg = load_config(conf_dir / "run.yaml", ["policy.model.hf_path=/nonexistent/Some-7B", "policy.tensor_parallel_size=3"])
+    cfg = load_config(
+        conf_dir / "run.yaml", ["policy.model.hf_path=/nonexistent/Some-7B", "policy.tensor_parallel_size=3"]
+    )
     assert cfg.policy.tensor_parallel_size == 3
 
 
@@ -201,14 +232,21 @@ def user_reward(prompt, response, reference):
     return 1.0
 
 
-@pytest.mark.parametrize("terms, needle", [
-    ("[{name: math_acuracy}]", "'reward.terms[0].name': reward term 'math_acuracy' is not registered"),
-    ("[{name: math_accuracy}, {name: 'no_such_pkg.rewards:score'}]",
-     "'reward.terms[1].name': reward term 'no_such_pkg.rewards:score': cannot import module 'no_such_pkg.rewards'"),
-    (f"[{{name: math_accuracy}}, {{name: '{__name__}:no_such_function'}}]",
-     f"'reward.terms[1].name': reward term '{__name__}:no_such_function': module '{__name__}' has no attribute"),
-    ("[{name: math_accuracy, kwargs: {boxxed: first}}]", "'reward.terms[0].kwargs': math_accuracy does not accept"),
-])
+@pytest.mark.parametrize(
+    "terms, needle",
+    [
+        ("[{name: math_acuracy}]", "'reward.terms[0].name': reward term 'math_acuracy' is not registered"),
+        (
+            "[{name: math_accuracy}, {name: 'no_such_pkg.rewards:score'}]",
+            "'reward.terms[1].name': reward term 'no_such_pkg.rewards:score': cannot import module 'no_such_pkg.rewards'",
+        ),
+        (
+            f"[{{name: math_accuracy}}, {{name: '{__name__}:no_such_function'}}]",
+            f"'reward.terms[1].name': reward term '{__name__}:no_such_function': module '{__name__}' has no attribute",
+        ),
+        ("[{name: math_accuracy, kwargs: {boxxed: first}}]", "'reward.terms[0].kwargs': math_accuracy does not accept"),
+    ],
+)
 def test_reward_terms_are_resolved_at_load_time(conf_dir, terms, needle):
     with pytest.raises(ConfigError) as e:
         load_config(conf_dir / "run.yaml", [f"reward.terms={terms}"])
@@ -216,7 +254,9 @@ def test_reward_terms_are_resolved_at_load_time(conf_dir, terms, needle):
 
 
 def test_import_path_reward_term_loads(conf_dir):
-    cfg = load_config(conf_dir / "run.yaml", [f"reward.terms=[{{name: math_accuracy}}, {{name: '{__name__}:user_reward'}}]"])
+    cfg = load_config(
+        conf_dir / "run.yaml", [f"reward.terms=[{{name: math_accuracy}}, {{name: '{__name__}:user_reward'}}]"]
+    )
     assert [t.name for t in cfg.reward.terms] == ["math_accuracy", f"{__name__}:user_reward"]
     with pytest.raises(ConfigError, match="'reward.max_failing_steps': must be >= 0"):
         load_config(conf_dir / "run.yaml", ["reward.max_failing_steps=-1"])

@@ -1,6 +1,7 @@
 """The console session (utils/console.py): what reaches the terminal and what goes to
 <run.dir>/logs/rank<R>.log. Each case runs in a fresh Python process, because the session
 rewires file descriptors 1 and 2, which pytest itself captures."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,14 @@ def _run(tmp_path: Path, mode: str = "quiet", fail: str = "no", rank: str = "0")
     script = tmp_path / "session.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "RANK": rank, "PYTHONWARNINGS": "always"}
-    return subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mode, fail], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), mode, fail],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _log(tmp_path: Path, rank: int = 0) -> str:
@@ -64,9 +71,17 @@ def test_quiet_session_sends_library_output_to_the_log(tmp_path):
     assert "AFTER-SESSION stdout" in proc.stdout  # the terminal is back after the session
     assert "logs/rank0.log" in proc.stdout  # the user is told where the rest went
     log = _log(tmp_path)
-    for line in ("LIBRARY-LOG reset prefix cache", "LIBRARY-WARNING apex", "LIBRARY-PRINT stdout",
-                 "LIBRARY-PRINT stderr", "LIBRARY-RAW fd2", "LIBRARY-CHILD out", "LIBRARY-CHILD err",
-                 "PROJECT-LINE", "PROJECT-WARNING"):
+    for line in (
+        "LIBRARY-LOG reset prefix cache",
+        "LIBRARY-WARNING apex",
+        "LIBRARY-PRINT stdout",
+        "LIBRARY-PRINT stderr",
+        "LIBRARY-RAW fd2",
+        "LIBRARY-CHILD out",
+        "LIBRARY-CHILD err",
+        "PROJECT-LINE",
+        "PROJECT-WARNING",
+    ):
         assert line in log, f"{line!r} not in the log:\n{log}"
 
 
@@ -74,8 +89,15 @@ def test_verbose_session_keeps_everything_on_the_terminal(tmp_path):
     proc = _run(tmp_path, mode="verbose")
     assert proc.returncode == 0, proc.stderr
     terminal = proc.stdout + proc.stderr
-    for line in ("LIBRARY-WARNING apex", "LIBRARY-PRINT stdout", "LIBRARY-PRINT stderr", "LIBRARY-RAW fd2",
-                 "LIBRARY-CHILD out", "LIBRARY-CHILD err", "[igrpo] PROJECT-LINE"):
+    for line in (
+        "LIBRARY-WARNING apex",
+        "LIBRARY-PRINT stdout",
+        "LIBRARY-PRINT stderr",
+        "LIBRARY-RAW fd2",
+        "LIBRARY-CHILD out",
+        "LIBRARY-CHILD err",
+        "[igrpo] PROJECT-LINE",
+    ):
         assert line in terminal, f"{line!r} not on the terminal:\n{terminal}"
     assert not (tmp_path / "run" / "logs").exists()
 

@@ -20,7 +20,9 @@ def compat():
     was_enabled = cpu_compat.is_enabled()
     if was_enabled:
         cpu_compat.disable()
-    originals = {name: getattr(torch.cuda, name) for name in ("current_device", "get_rng_state", "synchronize", "Stream")}
+    originals = {
+        name: getattr(torch.cuda, name) for name in ("current_device", "get_rng_state", "synchronize", "Stream")
+    }
     assert cpu_compat.enable() is True
     yield
     cpu_compat.disable()

@@ -1,5 +1,6 @@
 """Dataset loading (JSONL, Parquet, a saved Hugging Face dataset) with errors naming file and
 row, and the resumable prompt sampler."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,15 @@ def test_jsonl_custom_keys_and_extra_fields(tmp_path):
     assert probs[4].extra == {"level": 1}
 
 
-@pytest.mark.parametrize("content,needle", [
-    ('{"question": "a", "final": "1"}\n{"question": "b"}\n', "line 2: missing field 'final'"),
-    ('{"question": "a", "final": "1"}\nnot json\n', "line 2: not valid JSON"),
-    ('{"question": "", "final": "1"}\n', "line 1: field 'question'"),
-    ('[1, 2]\n', "line 1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"question": "a", "final": "1"}\n{"question": "b"}\n', "line 2: missing field 'final'"),
+        ('{"question": "a", "final": "1"}\nnot json\n', "line 2: not valid JSON"),
+        ('{"question": "", "final": "1"}\n', "line 1: field 'question'"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, content, needle):
     p = tmp_path / "bad.jsonl"
     p.write_text(content)
@@ -49,8 +53,9 @@ def test_parquet_and_missing_column(tmp_path):
 def test_hf_dataset_dir_with_splits(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:6]),
-                               "test": datasets.Dataset.from_list(ROWS[6:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:6]), "test": datasets.Dataset.from_list(ROWS[6:])}
+    )
     dd.save_to_disk(str(tmp_path / "hf"))
     assert len(load_problems(tmp_path / "hf", "question", "final", split="train")) == 6
     assert len(load_problems(tmp_path / "hf", "question", "final", split="test")) == 4
@@ -97,7 +102,9 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_problems(p, "question", "final")
     msg = str(e.value)
-    assert msg.startswith(f"{p}: line 3: not valid UTF-8") and "0xe9" in msg and "character 18" in msg  # 17 characters precede it
+    assert (
+        msg.startswith(f"{p}: line 3: not valid UTF-8") and "0xe9" in msg and "character 18" in msg
+    )  # 17 characters precede it
     assert "\n" not in msg
 
 
@@ -107,14 +114,19 @@ def test_utf8_with_byte_order_mark_loads(tmp_path):
     assert load_problems(p, "question", "final")[0].prompt == "caf\u00e9?"
 
 
-@pytest.mark.parametrize("value, kind", [
-    ({"text": "q"}, "a dict, expected a string"),
-    ([{"role": "user", "content": "q"}], "a list, expected a string (a chat message list is not supported"),
-    (True, "a bool, expected a string"),
-])
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        ({"text": "q"}, "a dict, expected a string"),
+        ([{"role": "user", "content": "q"}], "a list, expected a string (a chat message list is not supported"),
+        (True, "a bool, expected a string"),
+    ],
+)
 def test_structured_prompt_is_rejected_naming_file_row_and_field(tmp_path, value, kind):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"question": "fine", "final": "1"}) + "\n\n" + json.dumps({"question": value, "final": "2"}) + "\n")
+    p.write_text(
+        json.dumps({"question": "fine", "final": "1"}) + "\n\n" + json.dumps({"question": value, "final": "2"}) + "\n"
+    )
     with pytest.raises(DataError) as e:
         load_problems(p, "question", "final")
     assert str(e.value).startswith(f"{p}: line 3: field 'question' (data.prompt_key) is {kind}")

@@ -1,6 +1,7 @@
 """Fusion flags are on only where the kernel megatron-core needs for them imports (GPU-path
 issue, item 2: megatron-bridge turns gradient_accumulation_fusion on whenever TE imports, and
 megatron-core's ColumnParallelLinear then raises without apex's fused_weight_gradient_mlp_cuda)."""
+
 from __future__ import annotations
 
 import pytest

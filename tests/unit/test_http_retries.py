@@ -1,5 +1,6 @@
 """The one retry policy both HTTP clients use (utils/http.py). The clients themselves are tested
 against real local servers in test_judge.py and tests/e2e/test_generation_server.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,15 @@ def test_transient_errors_are_retried_with_capped_exponential_backoff():
             raise out
         return out
 
-    result = call_with_retries(once, retries=5, backoff_s=1.0, max_backoff_s=3.0, sleep=slept.append,
-                               transient=(ConnectionError, TimeoutError, RetryableStatus), what="test")
+    result = call_with_retries(
+        once,
+        retries=5,
+        backoff_s=1.0,
+        max_backoff_s=3.0,
+        sleep=slept.append,
+        transient=(ConnectionError, TimeoutError, RetryableStatus),
+        what="test",
+    )
     assert result == "ok" and slept == [1.0, 2.0, 3.0]
     assert [backoff_delay(k, 0.5) for k in (1, 2, 3)] == [0.5, 1.0, 2.0]
 

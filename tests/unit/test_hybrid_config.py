@@ -29,11 +29,14 @@ def test_dense_nemotron_h_is_accepted(tmp_path):
     assert read_architecture(_config_dir(tmp_path, layers_block_type=layers)) == "NemotronHForCausalLM"
 
 
-@pytest.mark.parametrize("fields, words", [
-    ({"hybrid_override_pattern": "ME*E"}, "mixture of experts"),
-    ({"layers_block_type": ["linear_attention", "moe"]}, "mixture of experts"),
-    ({"hybrid_override_pattern": "M*", "num_nextn_predict_layers": 1}, "multi-token prediction"),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"hybrid_override_pattern": "ME*E"}, "mixture of experts"),
+        ({"layers_block_type": ["linear_attention", "moe"]}, "mixture of experts"),
+        ({"hybrid_override_pattern": "M*", "num_nextn_predict_layers": 1}, "multi-token prediction"),
+    ],
+)
 def test_hybrid_variants_without_a_spec_are_refused(tmp_path, fields, words):
     with pytest.raises(UnsupportedModelError, match=words):
         read_architecture(_config_dir(tmp_path, **fields))
@@ -50,7 +53,9 @@ def test_build_model_refuses_delayed_fp8_before_anything_else(tmp_path):
     from nemo_igrpo.policy.config import ModelConfig, PolicyConfig
     from nemo_igrpo.policy.model import build_model
 
-    cfg = PolicyConfig(model=ModelConfig(hf_path=str(_config_dir(tmp_path, hybrid_override_pattern="M*"))), fp8="delayed")
+    cfg = PolicyConfig(
+        model=ModelConfig(hf_path=str(_config_dir(tmp_path, hybrid_override_pattern="M*"))), fp8="delayed"
+    )
     with pytest.raises(ValueError, match="first_last_layers_bf16"):
         build_model(cfg, cfg.model.hf_path, trainable=False)
 
@@ -66,8 +71,10 @@ def test_paper_fp8_configs_use_a_recipe_the_bridge_accepts(name):
 
 def test_vllm_settings_for_hybrid_checkpoints(tmp_path):
     nh = _config_dir(tmp_path, hybrid_override_pattern="M*")
-    assert vllm_hybrid_engine_kwargs(str(nh), on_cpu=True) == {"mamba_ssm_cache_dtype": "float32",
-                                                              "enable_prefix_caching": False}
+    assert vllm_hybrid_engine_kwargs(str(nh), on_cpu=True) == {
+        "mamba_ssm_cache_dtype": "float32",
+        "enable_prefix_caching": False,
+    }
     assert vllm_hybrid_engine_kwargs(str(nh), on_cpu=False) == {"mamba_ssm_cache_dtype": "float32"}
     nh16 = _config_dir(tmp_path, hybrid_override_pattern="M*", mamba_ssm_cache_dtype="bfloat16")
     assert vllm_hybrid_engine_kwargs(str(nh16), on_cpu=False) == {"mamba_ssm_cache_dtype": "bfloat16"}

@@ -57,7 +57,9 @@ def serve() -> None:
             elif self.path == "/v1/models":
                 with lock:
                     stats["models"] += 1
-                self._send(200, json.dumps({"object": "list", "data": [{"id": "tiny-judge", "object": "model"}]}).encode())
+                self._send(
+                    200, json.dumps({"object": "list", "data": [{"id": "tiny-judge", "object": "model"}]}).encode()
+                )
             else:
                 self._send(404, b'{"error": "not found"}')
 
@@ -86,12 +88,21 @@ def serve() -> None:
                 return self._send(200, b"<html>oops</html>", "text/html")
             if first_failure:
                 return self._send(503, b'{"error": "overloaded"}')
-            content = {"RIGHT": "The final answer matches.\nSCORE: 1", "WRONG": "Score = 0/10",
-                       "HALF": "Partly right. **Score:** 0.5", "FAIL_ONCE": "SCORE: 0.75",
-                       "SLOW": "SCORE: 1"}.get(marker, "I think this solution is quite nice overall!")
-            reply = {"id": "x", "object": "chat.completion", "model": "tiny-judge",
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": content}}]}
+            content = {
+                "RIGHT": "The final answer matches.\nSCORE: 1",
+                "WRONG": "Score = 0/10",
+                "HALF": "Partly right. **Score:** 0.5",
+                "FAIL_ONCE": "SCORE: 0.75",
+                "SLOW": "SCORE: 1",
+            }.get(marker, "I think this solution is quite nice overall!")
+            reply = {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "tiny-judge",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                ],
+            }
             self._send(200, json.dumps(reply).encode())
 
     class Server(ThreadingHTTPServer):
@@ -153,16 +164,25 @@ def config(url: str, **overrides) -> JudgeConfig:
 
 @pytest.mark.parametrize(
     "reply,score",
-    [("SCORE: 1", 1.0), ("score: 0.25", 0.25), ("Score = 7/10", 0.7), ("**Score:** 0.5", 0.5),
-     ("Reasoning...\nScore: 0.2\nOn reflection, SCORE: 0.9", 0.9), ('{"score": 0.3}', 0.3), ("0.6", 0.6),
-     ("3/4", 0.75), (" 1. ", 1.0)],
+    [
+        ("SCORE: 1", 1.0),
+        ("score: 0.25", 0.25),
+        ("Score = 7/10", 0.7),
+        ("**Score:** 0.5", 0.5),
+        ("Reasoning...\nScore: 0.2\nOn reflection, SCORE: 0.9", 0.9),
+        ('{"score": 0.3}', 0.3),
+        ("0.6", 0.6),
+        ("3/4", 0.75),
+        (" 1. ", 1.0),
+    ],
 )
 def test_parse_score_accepts(reply, score):
     assert parse_score(reply) == pytest.approx(score)
 
 
-@pytest.mark.parametrize("reply", ["", "looks good", "SCORE: 7", "Score: -0.5", "8", "score: 1/0", '{"score": true}',
-                                   "SCORE: nan"])
+@pytest.mark.parametrize(
+    "reply", ["", "looks good", "SCORE: 7", "Score: -0.5", "8", "score: 1/0", '{"score": true}', "SCORE: nan"]
+)
 def test_parse_score_rejects(reply):
     with pytest.raises(MalformedJudgeReply):
         parse_score(reply)
@@ -248,7 +268,10 @@ def test_api_key_from_env_is_sent_and_never_logged(judge_url, monkeypatch, caplo
 def test_judge_term_in_reward_manager_with_fallback(judge_url, caplog):
     cfg = RewardConfig(
         terms=[RewardTermConfig("math_accuracy", 1.0), RewardTermConfig("judge", 1.0, kwargs={"max_retries": 0})],
-        num_workers=1, timeout_s=5.0, fallback_score=0.0, judge=config(judge_url),
+        num_workers=1,
+        timeout_s=5.0,
+        fallback_score=0.0,
+        judge=config(judge_url),
     )
     samples = [
         RewardSample("1+1?", "<answer>2</answer> [[RIGHT]]", 2),

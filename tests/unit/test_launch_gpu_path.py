@@ -1,6 +1,7 @@
 """The launchers' decisions on the GPU path, checked on CPU: the colocated vLLM engine's memory,
 NCCL weight sync to a generation node, models the actor refuses, and the memory arithmetic's
 sequence-parallel and log-prob chunk terms (docs/cluster.md, section 6)."""
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,20 @@ GIB = 1024**3
 def site_file(tmp_path, monkeypatch):
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_run_home"))
     path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({
-        "account": "acct", "partition": "gpu", "container_image": "/shared/img.sqsh", "mounts": ["/shared:/shared"],
-        "job_dir": str(tmp_path / "jobs"), "runs_dir": "/shared/runs", "models_dir": "/shared/models",
-        "data_dir": "/shared/data",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "account": "acct",
+                "partition": "gpu",
+                "container_image": "/shared/img.sqsh",
+                "mounts": ["/shared:/shared"],
+                "job_dir": str(tmp_path / "jobs"),
+                "runs_dir": "/shared/runs",
+                "models_dir": "/shared/models",
+                "data_dir": "/shared/data",
+            }
+        )
+    )
     return path
 
 
@@ -63,11 +73,20 @@ def _plan(site_file, config, overrides=(), **kw):
 
 # ---- 7: vLLM colocated with the trainer ------------------------------------------------------
 
+
 def _peak_and_resident(cfg):
     p = cfg.policy
-    terms = train_memory_terms(QWEN_7B, p.tensor_parallel_size, 1, 8 // p.tensor_parallel_size,
-                               p.max_tokens_per_microbatch, p.activation_recompute, p.fp8 is not None,
-                               sequence_parallel=uses_sequence_parallel(cfg), logprob_chunk_tokens=p.logprob_chunk_tokens)
+    terms = train_memory_terms(
+        QWEN_7B,
+        p.tensor_parallel_size,
+        1,
+        8 // p.tensor_parallel_size,
+        p.max_tokens_per_microbatch,
+        p.activation_recompute,
+        p.fp8 is not None,
+        sequence_parallel=uses_sequence_parallel(cfg),
+        logprob_chunk_tokens=p.logprob_chunk_tokens,
+    )
     return terms.total, terms.resident
 
 
@@ -79,11 +98,23 @@ def test_colocated_without_sleep_counts_the_whole_vllm_share():
     # The share is counted exactly: just under what is left beside the trainer fits, just over does not.
     peak, _ = _peak_and_resident(cfg)
     room = (80 - peak) / 80
-    fits = load_config(CFG_7B, [*COLOCATED, "generation.vllm.enable_sleep_mode=false",
-                                f"generation.vllm.gpu_memory_utilization={room - 0.005:.4f}"])
+    fits = load_config(
+        CFG_7B,
+        [
+            *COLOCATED,
+            "generation.vllm.enable_sleep_mode=false",
+            f"generation.vllm.gpu_memory_utilization={room - 0.005:.4f}",
+        ],
+    )
     assert check_layout(fits, str(CFG_7B)).colocated_vllm_gib == pytest.approx((room - 0.005) * 80, abs=0.01)
-    over = load_config(CFG_7B, [*COLOCATED, "generation.vllm.enable_sleep_mode=false",
-                                f"generation.vllm.gpu_memory_utilization={room + 0.005:.4f}"])
+    over = load_config(
+        CFG_7B,
+        [
+            *COLOCATED,
+            "generation.vllm.enable_sleep_mode=false",
+            f"generation.vllm.gpu_memory_utilization={room + 0.005:.4f}",
+        ],
+    )
     with pytest.raises(LayoutError, match=r"generation\.vllm\.gpu_memory_utilization"):
         check_layout(over, str(CFG_7B))
 
@@ -123,6 +154,7 @@ def test_generation_nodes_do_not_share_training_gpus():
 
 # ---- 8: NCCL weight sync to a generation node -------------------------------------------------
 
+
 def _vllm_args_from_export(script: str) -> list[str]:
     """IGRPO_VLLM_ARGS as node_entry.sh's `eval "exec vllm serve ${IGRPO_VLLM_ARGS}"` splits it."""
     line = next(line for line in script.splitlines() if line.startswith("export IGRPO_VLLM_ARGS="))
@@ -160,7 +192,9 @@ def test_sbatch_renders_fill_the_nccl_master_from_slurm(site_file):
         args = _vllm_args_from_export(script)
         assert args[args.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'
         assert "export VLLM_SERVER_DEV_MODE=1" in script
-        train = next(line for line in script.splitlines() if "node_entry.sh train" in line or "node_entry.sh auto" in line)
+        train = next(
+            line for line in script.splitlines() if "node_entry.sh train" in line or "node_entry.sh auto" in line
+        )
         assert f"generation.server.nccl_master_port=29650 {ADDRESS_OVERRIDE}" in train, train
         assert "weight_sync_dir" not in script  # no directory to share with NCCL
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)
@@ -186,9 +220,11 @@ def _fake_slurm(tmp_path: Path) -> Path:
         # One file per call: the server's srun runs in the background beside the trainers'. The
         # script stops the server when the trainers' step ends, so with EXPECT_SERVER the trainers'
         # call waits (at most 30 s) until the server's call has written its file.
-        "srun": ('#!/bin/bash\ntrap "" TERM\n{ printf "%s\\n" "$@"; echo "VLLM_ARGS=$IGRPO_VLLM_ARGS"; } > "$SRUN_LOG.$$"\n'
-                 'if [ -n "${EXPECT_SERVER:-}" ] && [ "${*: -1}" != generate ]; then\n'
-                 '  for _ in $(seq 300); do grep -qx generate "$SRUN_LOG".* && break; sleep 0.1; done\nfi\n'),
+        "srun": (
+            '#!/bin/bash\ntrap "" TERM\n{ printf "%s\\n" "$@"; echo "VLLM_ARGS=$IGRPO_VLLM_ARGS"; } > "$SRUN_LOG.$$"\n'
+            'if [ -n "${EXPECT_SERVER:-}" ] && [ "${*: -1}" != generate ]; then\n'
+            '  for _ in $(seq 300); do grep -qx generate "$SRUN_LOG".* && break; sleep 0.1; done\nfi\n'
+        ),
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -202,10 +238,16 @@ def test_the_rendered_script_passes_the_first_training_node(site_file, tmp_path,
     training node's name, the server gets the weight-transfer JSON as one argument."""
     script = render(_plan(site_file, CFG_14B, NCCL, requeue=False), hetjob=hetjob)
     log = tmp_path / "srun"
-    env = {**os.environ, "PATH": f"{_fake_slurm(tmp_path)}:{os.environ['PATH']}", "SRUN_LOG": str(log),
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "trn10,trn11,trn9,trn12,gen01",
-           "SLURM_JOB_NODELIST_HET_GROUP_0": "trn10,trn11,trn9,trn12", "SLURM_JOB_NODELIST_HET_GROUP_1": "gen01",
-           **({"EXPECT_SERVER": "1"} if hetjob else {})}
+    env = {
+        **os.environ,
+        "PATH": f"{_fake_slurm(tmp_path)}:{os.environ['PATH']}",
+        "SRUN_LOG": str(log),
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "trn10,trn11,trn9,trn12,gen01",
+        "SLURM_JOB_NODELIST_HET_GROUP_0": "trn10,trn11,trn9,trn12",
+        "SLURM_JOB_NODELIST_HET_GROUP_1": "gen01",
+        **({"EXPECT_SERVER": "1"} if hetjob else {}),
+    }
     subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True, timeout=60)
     calls = [f.read_text().strip("\n").split("\n") for f in tmp_path.glob("srun.*")]
     assert len(calls) == (2 if hetjob else 1)
@@ -224,16 +266,38 @@ def test_node_entry_puts_rank_0_on_the_first_training_node(tmp_path):
     (bin_dir / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$TORCHRUN_LOG"\n')
     (bin_dir / "torchrun").chmod(stat.S_IRWXU)
     log = tmp_path / "torchrun.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHRUN_LOG": str(log), "SLURM_NODEID": "0",
-           "IGRPO_TRAIN_NODES": "4", "IGRPO_GPUS_PER_NODE": "8", "IGRPO_RDZV_PORT": "29500",
-           "IGRPO_TRAIN_MASTER": "trn10"}
-    subprocess.run(["bash", str(REPO / "launch" / "node_entry.sh"), "train", "train", "cfg.yaml",
-                    "generation.server.nccl_master_address=trn10"], env=env, check=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "TORCHRUN_LOG": str(log),
+        "SLURM_NODEID": "0",
+        "IGRPO_TRAIN_NODES": "4",
+        "IGRPO_GPUS_PER_NODE": "8",
+        "IGRPO_RDZV_PORT": "29500",
+        "IGRPO_TRAIN_MASTER": "trn10",
+    }
+    subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "node_entry.sh"),
+            "train",
+            "train",
+            "cfg.yaml",
+            "generation.server.nccl_master_address=trn10",
+        ],
+        env=env,
+        check=True,
+        timeout=60,
+    )
     args = log.read_text().split("\n")
     joined = " ".join(args)
     assert "--rdzv-backend static" in joined and "--rdzv-endpoint trn10:29500" in joined
     assert "--node-rank 0" in joined and "c10d" not in joined
-    assert args[args.index("nemo_igrpo") + 1:-1] == ["train", "cfg.yaml", "generation.server.nccl_master_address=trn10"]
+    assert args[args.index("nemo_igrpo") + 1 : -1] == [
+        "train",
+        "cfg.yaml",
+        "generation.server.nccl_master_address=trn10",
+    ]
 
 
 def test_loopback_nccl_master_across_nodes_is_refused(site_file):
@@ -246,8 +310,9 @@ def test_loopback_nccl_master_across_nodes_is_refused(site_file):
     with pytest.raises(LaunchError, match=r"generation\.server\.nccl_master_address"):
         _plan(site_file, CFG_7B, [*NCCL, "generation.server.nccl_master_address=127.0.0.1"])
     # An external server on another host (no generation node in this job) cannot reach it either.
-    external = load_config(CFG_7B, [*NCCL, "cluster.nodes=1", "cluster.generation_nodes=0",
-                                    "generation.server.url=http://gen-host:8000"])
+    external = load_config(
+        CFG_7B, [*NCCL, "cluster.nodes=1", "cluster.generation_nodes=0", "generation.server.url=http://gen-host:8000"]
+    )
     with pytest.raises(LayoutError, match=r"generation\.server\.nccl_master_address.*http://gen-host:8000"):
         check_layout(external, str(CFG_7B))
 
@@ -266,6 +331,7 @@ def test_a_site_file_cannot_switch_dev_mode_off(site_file, tmp_path):
 
 
 # ---- 9: models the actor refuses (and Nemotron-H, which it builds) ------------------------------
+
 
 def test_nemotron_h_plans(site_file):
     plan = _plan(site_file, CFG_NEMOTRON_H)
@@ -305,17 +371,20 @@ def test_every_shape_names_an_architecture_the_actor_knows():
         assert shape.architecture in SUPPORTED_ARCHITECTURES + HYBRID_ARCHITECTURES, name
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (CONF / "paper").rglob("*.yaml") if not p.name.startswith("_")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (CONF / "paper").rglob("*.yaml") if not p.name.startswith("_")), ids=lambda p: p.stem
+)
 def test_every_paper_config_plans(site_file, path):
     assert _plan(site_file, path).layout.sequence_parallel  # TP 2 / 4 with the TE spec
 
 
 # ---- 10: memory arithmetic --------------------------------------------------------------------
 
+
 def _estimate(tp=2, sp=True, chunk=1024, s=16384):
-    return estimate_train_memory_gib(QWEN_7B, tp, 1, 8 // tp, s, "full", False, sequence_parallel=sp,
-                                     logprob_chunk_tokens=chunk)
+    return estimate_train_memory_gib(
+        QWEN_7B, tp, 1, 8 // tp, s, "full", False, sequence_parallel=sp, logprob_chunk_tokens=chunk
+    )
 
 
 def test_sequence_parallel_divides_the_layer_inputs_only_when_on():

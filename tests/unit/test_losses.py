@@ -55,7 +55,9 @@ def pack(seqs, logps, indices, with_ref: bool) -> LossInputs:
 
 
 def global_norm(seqs) -> LossNormalizer:
-    return LossNormalizer(num_tokens=float(sum(len(s["old"]) for s in seqs)), num_seqs=float(len(seqs)), max_response_length=MAX_LEN)
+    return LossNormalizer(
+        num_tokens=float(sum(len(s["old"]) for s in seqs)), num_seqs=float(len(seqs)), max_response_length=MAX_LEN
+    )
 
 
 def run_split(cfg, seqs, partition):
@@ -351,11 +353,15 @@ def test_policy_loss_registry_extension():
         from nemo_igrpo.algorithms.losses import PolicyLossOutput
 
         none = torch.zeros_like(inputs.advantages, dtype=torch.bool)
-        return PolicyLossOutput(-inputs.advantages * inputs.logprobs, torch.ones_like(inputs.logprobs), none, none, none)
+        return PolicyLossOutput(
+            -inputs.advantages * inputs.logprobs, torch.ones_like(inputs.logprobs), none, none, none
+        )
 
     try:
         inputs, norm = single_tokens([1.0, 1.0], [2.0, -1.0])
-        loss, _ = make_loss_fn(AlgorithmConfig(policy_loss="test_reinforce", loss_aggregation="token-mean"))(inputs, norm)
+        loss, _ = make_loss_fn(AlgorithmConfig(policy_loss="test_reinforce", loss_aggregation="token-mean"))(
+            inputs, norm
+        )
         assert loss.item() == pytest.approx((-2.0 * -1.0 + 1.0 * -1.0) / 2)
     finally:
         del POLICY_LOSSES["test_reinforce"]
@@ -369,8 +375,9 @@ def test_truncated_importance_sampling_hand_values():
     gen = torch.tensor([-1.0, -1.5, -3.0, float("nan")], dtype=torch.float64)  # w = 1, e^0.5, e^2 -> 2, 1
     logp = old.clone().requires_grad_(True)  # on-policy: rho = 1, per-token loss = -A
     adv = torch.tensor([1.0, 1.0, -1.0, 2.0], dtype=torch.float64)
-    inputs = LossInputs(logprobs=logp, old_logprobs=old, advantages=adv, seq_ids=torch.arange(4), num_seqs=4,
-                        generation_logprobs=gen)
+    inputs = LossInputs(
+        logprobs=logp, old_logprobs=old, advantages=adv, seq_ids=torch.arange(4), num_seqs=4, generation_logprobs=gen
+    )
     norm = LossNormalizer(num_tokens=4, num_seqs=4, max_response_length=1)
     weights = [1.0, math.exp(0.5), 2.0, 1.0]
     loss, metrics = make_loss_fn(cfg)(inputs, norm)
@@ -381,7 +388,8 @@ def test_truncated_importance_sampling_hand_values():
     assert float(metrics["tis_capped_frac"]) == pytest.approx(1 / 4)
     # Off (the default): the same inputs give the plain loss.
     plain, plain_metrics = make_loss_fn(replace(cfg, tis_cap=None))(
-        replace(inputs, logprobs=old.clone().requires_grad_(True)), norm)
+        replace(inputs, logprobs=old.clone().requires_grad_(True)), norm
+    )
     assert plain.item() == pytest.approx(-adv.sum().item() / 4) and "tis_weight_mean" not in plain_metrics
 
 

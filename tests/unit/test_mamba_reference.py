@@ -29,8 +29,17 @@ def test_chunked_scan_equals_the_recurrence(chunk):
     x, dt, A, B, C, D = _inputs()
     init = torch.randn(2, 4, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     want_y, want_state = ref.ssd_recurrence(x, dt, A, B, C, D, initial_state=init)
-    y, state = ref.mamba_chunk_scan_combined(x.float(), dt.float(), A.float(), B.float(), C.float(), chunk,
-                                             D=D.float(), initial_states=init.float(), return_final_states=True)
+    y, state = ref.mamba_chunk_scan_combined(
+        x.float(),
+        dt.float(),
+        A.float(),
+        B.float(),
+        C.float(),
+        chunk,
+        D=D.float(),
+        initial_states=init.float(),
+        return_final_states=True,
+    )
     torch.testing.assert_close(y.double(), want_y, rtol=0, atol=2e-5)
     torch.testing.assert_close(state.double(), want_state, rtol=0, atol=2e-5)
 
@@ -39,8 +48,9 @@ def test_seq_idx_restarts_scan_and_convolution_at_each_boundary():
     x, dt, A, B, C, D = _inputs(b=1, length=40)
     bounds = [0, 13, 14, 31, 40]  # a one-token sequence and a trailing "padding" segment included
     seq_idx = torch.repeat_interleave(torch.arange(4), torch.tensor([13, 1, 17, 9]))[None].int()
-    y = ref.mamba_chunk_scan_combined(x.float(), dt.float(), A.float(), B.float(), C.float(), 8, D=D.float(),
-                                      seq_idx=seq_idx)
+    y = ref.mamba_chunk_scan_combined(
+        x.float(), dt.float(), A.float(), B.float(), C.float(), 8, D=D.float(), seq_idx=seq_idx
+    )
     g = torch.Generator().manual_seed(1)
     conv_in = torch.randn(1, 5, 40, generator=g)
     w, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
@@ -64,8 +74,17 @@ def _hf_mixer(seed=0):
     from transformers import NemotronHConfig
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
-    cfg = NemotronHConfig(hidden_size=32, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=6,
-                          chunk_size=8, conv_kernel=4, hybrid_override_pattern="M", vocab_size=16)
+    cfg = NemotronHConfig(
+        hidden_size=32,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=6,
+        chunk_size=8,
+        conv_kernel=4,
+        hybrid_override_pattern="M",
+        vocab_size=16,
+    )
     torch.manual_seed(seed)
     mixer = NemotronHMamba2Mixer(cfg, layer_idx=0)
     with torch.no_grad():
@@ -83,11 +102,22 @@ def test_fused_block_matches_transformers_mixer():
     with torch.no_grad():
         want = mixer(h)
         got = ref.mamba_split_conv1d_scan_combined(
-            mixer.in_proj(h), mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias,
-            -torch.exp(mixer.A_log.float()), D=mixer.D, chunk_size=mixer.chunk_size, activation="silu",
-            rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=mixer.norm.variance_epsilon,
-            outproj_weight=mixer.out_proj.weight, outproj_bias=mixer.out_proj.bias, headdim=mixer.head_dim,
-            ngroups=mixer.n_groups, norm_before_gate=False, dt_limit=mixer.time_step_limit,
+            mixer.in_proj(h),
+            mixer.conv1d.weight.squeeze(1),
+            mixer.conv1d.bias,
+            mixer.dt_bias,
+            -torch.exp(mixer.A_log.float()),
+            D=mixer.D,
+            chunk_size=mixer.chunk_size,
+            activation="silu",
+            rmsnorm_weight=mixer.norm.weight,
+            rmsnorm_eps=mixer.norm.variance_epsilon,
+            outproj_weight=mixer.out_proj.weight,
+            outproj_bias=mixer.out_proj.bias,
+            headdim=mixer.head_dim,
+            ngroups=mixer.n_groups,
+            norm_before_gate=False,
+            dt_limit=mixer.time_step_limit,
         )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -97,12 +127,22 @@ def test_megatron_style_split_gate_then_norm_equals_fused_norm():
     then its gated RMSNorm without z: the same function as the norm fused with the gate."""
     mixer = _hf_mixer(seed=1)
     h = torch.randn(1, 19, 32, generator=torch.Generator().manual_seed(5))
-    common = dict(conv1d_weight=mixer.conv1d.weight.squeeze(1), conv1d_bias=mixer.conv1d.bias, dt_bias=mixer.dt_bias,
-                  A=-torch.exp(mixer.A_log.float()), D=mixer.D, chunk_size=8, headdim=8, ngroups=2,
-                  norm_before_gate=False)
+    common = dict(
+        conv1d_weight=mixer.conv1d.weight.squeeze(1),
+        conv1d_bias=mixer.conv1d.bias,
+        dt_bias=mixer.dt_bias,
+        A=-torch.exp(mixer.A_log.float()),
+        D=mixer.D,
+        chunk_size=8,
+        headdim=8,
+        ngroups=2,
+        norm_before_gate=False,
+    )
     with torch.no_grad():
         zxbcdt = mixer.in_proj(h)
-        fused = ref.mamba_split_conv1d_scan_combined(zxbcdt, rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=1e-5, **common)
+        fused = ref.mamba_split_conv1d_scan_combined(
+            zxbcdt, rmsnorm_weight=mixer.norm.weight, rmsnorm_eps=1e-5, **common
+        )
         norm = ref.RMSNormGated(64, eps=1e-5, group_size=32, norm_before_gate=False)
         norm.weight.copy_(mixer.norm.weight)
         split = norm(ref.mamba_split_conv1d_scan_combined(zxbcdt, **common))

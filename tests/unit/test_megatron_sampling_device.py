@@ -2,6 +2,7 @@
 (GPU-path issue, item 5: CPU generators with CUDA probabilities made every T > 0 request fail).
 This machine has no GPU, so the check is that the CUDA device reaches the generator's
 constructor: torch then tries to initialise CUDA and says it cannot."""
+
 from __future__ import annotations
 
 import pytest

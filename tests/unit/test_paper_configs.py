@@ -3,6 +3,7 @@
 A run config is a YAML file whose defaults reach conf/base.yaml; group fragments (conf/model,
 conf/algorithm, conf/cluster) and files starting with "_" are pieces of run configs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,14 @@ def _load(path: Path):
 
 RUN_CONFIGS = sorted(p for p in CONF.rglob("*.yaml") if _is_run_config(p))
 PAPER_CONFIGS = [p for p in RUN_CONFIGS if p.relative_to(CONF).parts[0] == "paper"]
-PAPER_MODELS = ["DeepSeek-R1-Distill-Qwen-7B", "DeepSeek-R1-Distill-Qwen-14B", "OpenMath-Nemotron-7B",
-                "OpenMath-Nemotron-14B", "Nemotron-H-8B-Base-8K", "OpenReasoning-Nemotron-7B"]
+PAPER_MODELS = [
+    "DeepSeek-R1-Distill-Qwen-7B",
+    "DeepSeek-R1-Distill-Qwen-14B",
+    "OpenMath-Nemotron-7B",
+    "OpenMath-Nemotron-14B",
+    "Nemotron-H-8B-Base-8K",
+    "OpenReasoning-Nemotron-7B",
+]
 
 
 def _id(p: Path) -> str:
@@ -92,7 +99,9 @@ def test_paper_config_has_the_papers_settings(path):
     assert shape_for(cfg.policy.model.hf_path) is not None, cfg.policy.model.hf_path
     # The paper's node layouts: 7B/8B 1 training + 1 vLLM node, 14B 4 + 1.
     big = "14b" in path.stem
-    assert (cfg.cluster.nodes, cfg.cluster.generation_nodes, cfg.cluster.gpus_per_node) == ((5, 1, 8) if big else (2, 1, 8))
+    assert (cfg.cluster.nodes, cfg.cluster.generation_nodes, cfg.cluster.gpus_per_node) == (
+        (5, 1, 8) if big else (2, 1, 8)
+    )
     assert g.backend == "vllm_server"
 
 
@@ -119,7 +128,9 @@ def test_paper_layout_divides_the_model_and_fits_80gb(path):
     assert layout.kv_cache_tokens_per_replica >= cfg.generation.vllm.max_model_len
     # prompt + longest draft + completion fits the context the server is started with.
     draft = cfg.algorithm.template.max_draft_tokens or cfg.generation.max_new_tokens
-    longest = cfg.generation.max_prompt_tokens + cfg.generation.max_new_tokens + (draft if cfg.algorithm.num_drafts else 0)
+    longest = (
+        cfg.generation.max_prompt_tokens + cfg.generation.max_new_tokens + (draft if cfg.algorithm.num_drafts else 0)
+    )
     assert longest <= cfg.generation.vllm.max_model_len <= shape.max_position_embeddings
 
 
@@ -130,15 +141,21 @@ def test_model_shape_table_is_self_consistent():
         assert s.head_dim == 128, name  # all six models use 128-wide heads
 
 
-@pytest.mark.parametrize("override, key", [
-    (["policy.tensor_parallel_size=8"], "policy.tensor_parallel_size"),      # 28 heads / 8
-    (["policy.pipeline_parallel_size=3"], "cluster.nodes"),                 # 8 GPUs / (2 x 3)
-    (["policy.pipeline_parallel_size=8", "policy.tensor_parallel_size=1"], "policy.pipeline_parallel_size"),  # 28 layers / 8
-    (["cluster.nodes=3"], "data.prompts_per_step"),                         # 125 x 4 over DP=8
-    (["policy.tensor_parallel_size=1", "policy.activation_recompute=null"], "policy.max_tokens_per_microbatch"),
-    (["generation.vllm.tensor_parallel_size=8"], "generation.vllm.tensor_parallel_size"),  # 4 KV heads / 8
-    (["cluster.generation_nodes=0"], "cluster.generation_nodes"),           # vllm_server with no server node
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["policy.tensor_parallel_size=8"], "policy.tensor_parallel_size"),  # 28 heads / 8
+        (["policy.pipeline_parallel_size=3"], "cluster.nodes"),  # 8 GPUs / (2 x 3)
+        (
+            ["policy.pipeline_parallel_size=8", "policy.tensor_parallel_size=1"],
+            "policy.pipeline_parallel_size",
+        ),  # 28 layers / 8
+        (["cluster.nodes=3"], "data.prompts_per_step"),  # 125 x 4 over DP=8
+        (["policy.tensor_parallel_size=1", "policy.activation_recompute=null"], "policy.max_tokens_per_microbatch"),
+        (["generation.vllm.tensor_parallel_size=8"], "generation.vllm.tensor_parallel_size"),  # 4 KV heads / 8
+        (["cluster.generation_nodes=0"], "cluster.generation_nodes"),  # vllm_server with no server node
+    ],
+)
 def test_bad_layouts_are_refused_naming_the_key(override, key):
     path = CONF / "paper" / "deepseek_r1_distill_qwen_7b_igrpo.yaml"
     extra = ["data.prompts_per_step=125"] if key == "data.prompts_per_step" else []

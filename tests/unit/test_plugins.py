@@ -4,6 +4,7 @@ registry lookups the trainer and the rollout use, and checked when the config is
 
 The plug-in package is the shipped example (examples/plugins/my_igrpo_plugins), put on the path
 as a user would with PYTHONPATH; broken plug-ins are written by the tests themselves."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,8 @@ def plugins_on_path(monkeypatch):
 
 @pytest.fixture
 def bad_plugins(tmp_path, monkeypatch):
-    (tmp_path / "bad_plugins.py").write_text(textwrap.dedent("""
+    (tmp_path / "bad_plugins.py").write_text(
+        textwrap.dedent("""
         import torch
         NOT_CALLABLE = 3
         def one_arg(rewards):            # an estimator is called as fn(rewards, eps)
@@ -57,7 +59,8 @@ def bad_plugins(tmp_path, monkeypatch):
             @staticmethod
             def nested(inputs, cfg):
                 return None
-    """))
+    """)
+    )
     (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('plugin import failed on purpose')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -117,16 +120,22 @@ def test_kl_estimator_by_import_path(bad_plugins):
     assert KL_ESTIMATORS.problem(log_ratio_fn) is None
 
 
-@pytest.mark.parametrize("value, message", [
-    ("no_such_pkg.losses:fn", "cannot import module 'no_such_pkg.losses' (is its folder on PYTHONPATH"),
-    ("raises_on_import:fn", "RuntimeError: plugin import failed on purpose"),
-    ("bad_plugins:missing", "module 'bad_plugins' has no attribute 'missing'"),
-    ("bad_plugins:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable"),
-    ("bad_plugins:extra_required", "cannot be called with 2 positional argument(s) "
-                                   "(expected fn(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput)"),
-    ("bad_plugins:", "an import path must look like 'my_pkg.module:my_function'"),
-    ("nope", "'nope' is not a registered policy loss (clipped, gspo)"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("no_such_pkg.losses:fn", "cannot import module 'no_such_pkg.losses' (is its folder on PYTHONPATH"),
+        ("raises_on_import:fn", "RuntimeError: plugin import failed on purpose"),
+        ("bad_plugins:missing", "module 'bad_plugins' has no attribute 'missing'"),
+        ("bad_plugins:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable"),
+        (
+            "bad_plugins:extra_required",
+            "cannot be called with 2 positional argument(s) "
+            "(expected fn(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput)",
+        ),
+        ("bad_plugins:", "an import path must look like 'my_pkg.module:my_function'"),
+        ("nope", "'nope' is not a registered policy loss (clipped, gspo)"),
+    ],
+)
 def test_resolution_errors_name_the_key(bad_plugins, value, message):
     with pytest.raises(PluginResolutionError) as e:
         POLICY_LOSSES.lookup(value)
@@ -158,8 +167,15 @@ def test_registered_names_cannot_contain_a_colon():
 
 
 def test_config_accepts_import_paths(plugins_on_path):
-    cfg = load_config(BASE, ["data.train_path=x.jsonl", f"algorithm.policy_loss={LOSS}", f"algorithm.advantage={ADV}",
-                             f"algorithm.loss_aggregation={AGG}"])
+    cfg = load_config(
+        BASE,
+        [
+            "data.train_path=x.jsonl",
+            f"algorithm.policy_loss={LOSS}",
+            f"algorithm.advantage={ADV}",
+            f"algorithm.loss_aggregation={AGG}",
+        ],
+    )
     assert (cfg.algorithm.policy_loss, cfg.algorithm.advantage, cfg.algorithm.loss_aggregation) == (LOSS, ADV, AGG)
 
 
@@ -174,7 +190,10 @@ def test_login_node_checks_only_the_form(tmp_path):
     # The Slurm launcher renders jobs without importing the user's package (import_reward_terms=False).
     ov = ["data.train_path=x.jsonl", "algorithm.policy_loss=not_installed_here.losses:fn"]
     assert load_config(BASE, ov, import_reward_terms=False).algorithm.policy_loss == "not_installed_here.losses:fn"
-    assert algorithm_config_problems(AlgorithmConfig(policy_loss=":fn"), import_plugins=False)[0][0] == "algorithm.policy_loss"
+    assert (
+        algorithm_config_problems(AlgorithmConfig(policy_loss=":fn"), import_plugins=False)[0][0]
+        == "algorithm.policy_loss"
+    )
     with pytest.raises(ConfigError, match="cannot import module 'not_installed_here.losses'"):
         load_config(BASE, ov)
 
@@ -183,12 +202,19 @@ def test_cli_reports_a_bad_plugin_as_one_line(bad_plugins):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(bad_plugins), str(EXAMPLES)])}
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "nemo_igrpo", "train", "--print-config", str(BASE), "data.train_path=x.jsonl"]
-    proc = subprocess.run(cmd + ["algorithm.policy_loss=bad_plugins:extra_required"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd + ["algorithm.policy_loss=bad_plugins:extra_required"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().startswith("igrpo train: error: ") and "'algorithm.policy_loss'" in proc.stderr
-    proc = subprocess.run(cmd + [f"algorithm.policy_loss={LOSS}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd + [f"algorithm.policy_loss={LOSS}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"policy_loss: {LOSS}" in proc.stdout
 
@@ -199,7 +225,8 @@ def test_real_training_run_uses_the_plugins(tmp_path):
     record their calls, so the run is known to have gone through them."""
     from nemo_igrpo.demo.task import split_pairs, write_jsonl
 
-    (tmp_path / "counting_plugins.py").write_text(textwrap.dedent("""
+    (tmp_path / "counting_plugins.py").write_text(
+        textwrap.dedent("""
         import os
         from my_igrpo_plugins.advantages import rank_advantage
         from my_igrpo_plugins.losses import seq_mean_token_sqrt, unclipped_pg
@@ -219,21 +246,44 @@ def test_real_training_run_uses_the_plugins(tmp_path):
         def aggregate(per_token, seq_ids, num_seqs, norm):
             _log("aggregate")
             return seq_mean_token_sqrt(per_token, seq_ids, num_seqs, norm)
-    """))
+    """)
+    )
     train, _ = split_pairs(0, 16)
     write_jsonl(train[:40], tmp_path / "train.jsonl")
     warm_start = next((REPO / "nemo_igrpo" / "demo" / "assets").glob("warmstart-*"))
     log = tmp_path / "calls.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PLUGIN_LOG": str(log),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), str(EXAMPLES), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PLUGIN_LOG": str(log),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), str(EXAMPLES), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("RANK", None)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nemo_igrpo", "train", str(REPO / "conf" / "demo.yaml"), f"policy.model.hf_path={warm_start}",
-           f"data.train_path={tmp_path / 'train.jsonl'}", "data.eval_path=null", f"run.dir={run_dir}",
-           "data.prompts_per_step=2", "algorithm.num_drafts=2", "algorithm.num_refinements=4", "generation.backend=megatron",
-           "trainer.max_steps=2", "trainer.save_every=0", "trainer.export_hf=false", "trainer.progress_bars=false",
-           "reward.num_workers=0", "algorithm.policy_loss=counting_plugins:loss",
-           "algorithm.advantage=counting_plugins:advantage", "algorithm.loss_aggregation=counting_plugins:aggregate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nemo_igrpo",
+        "train",
+        str(REPO / "conf" / "demo.yaml"),
+        f"policy.model.hf_path={warm_start}",
+        f"data.train_path={tmp_path / 'train.jsonl'}",
+        "data.eval_path=null",
+        f"run.dir={run_dir}",
+        "data.prompts_per_step=2",
+        "algorithm.num_drafts=2",
+        "algorithm.num_refinements=4",
+        "generation.backend=megatron",
+        "trainer.max_steps=2",
+        "trainer.save_every=0",
+        "trainer.export_hf=false",
+        "trainer.progress_bars=false",
+        "reward.num_workers=0",
+        "algorithm.policy_loss=counting_plugins:loss",
+        "algorithm.advantage=counting_plugins:advantage",
+        "algorithm.loss_aggregation=counting_plugins:aggregate",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     calls = log.read_text().split()

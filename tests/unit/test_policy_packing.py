@@ -56,12 +56,21 @@ def test_bad_budget_is_rejected():
 from nemo_igrpo.policy.packing import DUMMY_TOKENS, FP8_TOKEN_MULTIPLE, pack_multiple  # noqa: E402
 
 
-@pytest.mark.parametrize("fp8,tp,sp,cp,expected", [
-    (None, 1, False, 1, 1), (None, 2, False, 1, 1), (None, 4, True, 1, 4),
-    ("delayed", 1, False, 1, 16), ("tensorwise", 2, True, 1, 32), ("mxfp8", 1, False, 1, 32),
-    ("blockwise", 1, False, 1, 128), ("blockwise", 2, True, 1, 256), ("tensorwise", 2, True, 2, 128),
-    ("delayed", 4, True, 1, 64),
-])
+@pytest.mark.parametrize(
+    "fp8,tp,sp,cp,expected",
+    [
+        (None, 1, False, 1, 1),
+        (None, 2, False, 1, 1),
+        (None, 4, True, 1, 4),
+        ("delayed", 1, False, 1, 16),
+        ("tensorwise", 2, True, 1, 32),
+        ("mxfp8", 1, False, 1, 32),
+        ("blockwise", 1, False, 1, 128),
+        ("blockwise", 2, True, 1, 256),
+        ("tensorwise", 2, True, 2, 128),
+        ("delayed", 4, True, 1, 64),
+    ],
+)
 def test_pack_multiple_per_recipe(fp8, tp, sp, cp, expected):
     assert pack_multiple(fp8, tp, sp, cp) == expected
 

@@ -51,9 +51,11 @@ USER_TERM = f"{__name__}:misbehaving_reward"
 def make_config(**overrides) -> RewardConfig:
     cfg = RewardConfig(
         # math-verify's own bounds (1 s) below the manager's, as with the defaults (2 s vs 10 s)
-        terms=[RewardTermConfig("math_accuracy", 1.0, kwargs={"parse_timeout_s": 1, "verify_timeout_s": 1}),
-               RewardTermConfig("format", 1.0),
-               RewardTermConfig(USER_TERM, 0.5, kwargs={"bonus": 1.0})],
+        terms=[
+            RewardTermConfig("math_accuracy", 1.0, kwargs={"parse_timeout_s": 1, "verify_timeout_s": 1}),
+            RewardTermConfig("format", 1.0),
+            RewardTermConfig(USER_TERM, 0.5, kwargs={"bonus": 1.0}),
+        ],
         num_workers=2,
         timeout_s=TIMEOUT_S,
         fallback_score=0.0,
@@ -151,8 +153,11 @@ def test_score_async_and_empty_batch(manager):
 
 
 def test_spawn_start_method_and_inline_mode():
-    cfg = make_config(num_workers=1, start_method="spawn",
-                      terms=[RewardTermConfig("math_accuracy", 2.0), RewardTermConfig(f"{__name__}:worker_pid", 1.0)])
+    cfg = make_config(
+        num_workers=1,
+        start_method="spawn",
+        terms=[RewardTermConfig("math_accuracy", 2.0), RewardTermConfig(f"{__name__}:worker_pid", 1.0)],
+    )
     with RewardManager(cfg) as m:
         out = m.score([sample("12"), sample("7")])
     assert out.per_term["math_accuracy"].tolist() == [1.0, 0.0]
@@ -171,17 +176,23 @@ register_reward("test_manager_lambda")(lambda prompt, response, reference: 1.0)
     "overrides,message",
     [
         ({"terms": [RewardTermConfig("nope")]}, r"reward.terms\[0\].name: reward term 'nope' is not registered"),
-        ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("no_pkg.mod:f")]},
-         r"reward.terms\[1\].name: .*cannot import module 'no_pkg.mod'"),
+        (
+            {"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("no_pkg.mod:f")]},
+            r"reward.terms\[1\].name: .*cannot import module 'no_pkg.mod'",
+        ),
         ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("math_accuracy")]}, "appears twice"),
         ({"terms": [RewardTermConfig("format")]}, "reward.correctness_term: 'math_accuracy' is not one of"),
         ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("test_manager_lambda")]}, "picklable"),
         ({"terms": [RewardTermConfig("math_accuracy", float("nan"))]}, r"weight: must be a finite"),
         ({"start_method": "fork"}, "'fork' is unsafe"),
-        ({"terms": [RewardTermConfig("math_accuracy", kwargs={"boxxed": "first"})]},
-         r"reward.terms\[0\].kwargs: math_accuracy does not accept \['boxxed'\]"),
-        ({"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("judge", kwargs={"urll": "x"})]},
-         r"reward.terms\[1\].kwargs: .*\['urll'\] are not JudgeConfig fields"),
+        (
+            {"terms": [RewardTermConfig("math_accuracy", kwargs={"boxxed": "first"})]},
+            r"reward.terms\[0\].kwargs: math_accuracy does not accept \['boxxed'\]",
+        ),
+        (
+            {"terms": [RewardTermConfig("math_accuracy"), RewardTermConfig("judge", kwargs={"urll": "x"})]},
+            r"reward.terms\[1\].kwargs: .*\['urll'\] are not JudgeConfig fields",
+        ),
         ({"terms": []}, "at least one"),
     ],
 )
@@ -216,8 +227,11 @@ BROKEN_TERM = f"{__name__}:broken_reward"
 def test_a_term_failing_on_every_sample_is_counted_then_stops_the_run(caplog):
     from nemo_igrpo.utils.errors import RewardTermFailing, TrainingAborted, user_error_types
 
-    cfg = make_config(num_workers=0, max_failing_steps=3,
-                      terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)])
+    cfg = make_config(
+        num_workers=0,
+        max_failing_steps=3,
+        terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)],
+    )
     with RewardManager(cfg) as m, caplog.at_level(logging.WARNING, logger="nemo_igrpo.rewards.manager"):
         # Step 1: drafts and refinements (two calls), every sample fails.
         m.score([sample("12"), sample("11")])
@@ -225,8 +239,11 @@ def test_a_term_failing_on_every_sample_is_counted_then_stops_the_run(caplog):
         metrics = m.end_step()
         assert metrics[f"reward/{BROKEN_TERM}/errors"] == 3 and metrics[f"reward/{BROKEN_TERM}/failing_steps"] == 1
         assert metrics["reward/math_accuracy/errors"] == 0 and metrics["reward/math_accuracy/failing_steps"] == 0
-        assert "failed on all 3 samples of this step (1 step(s) in a row; the run stops at " \
-               "reward.max_failing_steps=3)" in caplog.text and "KeyError: 'tests'" in caplog.text
+        assert (
+            "failed on all 3 samples of this step (1 step(s) in a row; the run stops at reward.max_failing_steps=3)"
+            in caplog.text
+            and "KeyError: 'tests'" in caplog.text
+        )
         # Step 2: one sample scored, so the term works sometimes: the streak restarts.
         m.score([sample("12", extra=" FINE"), sample("12")])
         metrics = m.end_step()
@@ -240,16 +257,21 @@ def test_a_term_failing_on_every_sample_is_counted_then_stops_the_run(caplog):
         with pytest.raises(RewardTermFailing) as e:
             m.end_step()
     msg = str(e.value)
-    assert msg.startswith(f"reward term '{BROKEN_TERM}' failed on every sample for 3 consecutive steps "
-                          "(reward.max_failing_steps=3); last error: error on sample 0: KeyError: 'tests'")
+    assert msg.startswith(
+        f"reward term '{BROKEN_TERM}' failed on every sample for 3 consecutive steps "
+        "(reward.max_failing_steps=3); last error: error on sample 0: KeyError: 'tests'"
+    )
     assert e.value.term == BROKEN_TERM and e.value.steps == 3
     # The CLI prints it as one line with exit code 2, like the other deliberate stops.
     assert isinstance(e.value, TrainingAborted) and isinstance(e.value, user_error_types())
 
 
 def test_max_failing_steps_zero_only_counts():
-    cfg = make_config(num_workers=0, max_failing_steps=0,
-                      terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)])
+    cfg = make_config(
+        num_workers=0,
+        max_failing_steps=0,
+        terms=[RewardTermConfig("math_accuracy"), RewardTermConfig(BROKEN_TERM, 1.0)],
+    )
     with RewardManager(cfg) as m:
         for _ in range(12):
             m.score([sample("12")])

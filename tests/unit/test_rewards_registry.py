@@ -37,7 +37,8 @@ def user_package(tmp_path, monkeypatch):
     package = tmp_path / "my_rewards_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "rewards.py").write_text(textwrap.dedent("""
+    (package / "rewards.py").write_text(
+        textwrap.dedent("""
         NOT_CALLABLE = 3
 
         def length_bonus(prompt, response, reference, scale=1.0):
@@ -47,7 +48,8 @@ def user_package(tmp_path, monkeypatch):
             @staticmethod
             def exact(prompt, response, reference):
                 return float(response.strip() == str(reference))
-    """))
+    """)
+    )
     (package / "broken.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_rewards_pkg"

@@ -25,7 +25,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.config import AlgorithmConfig, DraftTemplateConfig, DynamicSamplingConfig, OverlongShapingConfig
+from nemo_igrpo.algorithms.config import (
+    AlgorithmConfig,
+    DraftTemplateConfig,
+    DynamicSamplingConfig,
+    OverlongShapingConfig,
+)
 from nemo_igrpo.batch import LossInputs, LossNormalizer
 from nemo_igrpo.algorithms.losses import make_loss_fn
 from nemo_igrpo.algorithms.rollout import IGRPORollout, overlong_penalty, request_seed
@@ -89,7 +94,11 @@ class ScriptedBackend(GenerationBackend):
                 else:
                     ids, finish = ids[: params.max_new_tokens], "length"
                 logprobs = [-0.05 * (1 + (params.seed + i + j) % 11) for j in range(len(ids))]
-                results.append(GenerationResult(list(prompt), ids, self.tok.decode(ids, skip_special_tokens=True), logprobs, finish))
+                results.append(
+                    GenerationResult(
+                        list(prompt), ids, self.tok.decode(ids, skip_special_tokens=True), logprobs, finish
+                    )
+                )
             out.append(results)
         return out
 
@@ -160,14 +169,19 @@ def test_igrpo_step_by_hand(tok, rewards):
 
     assert batch.group_sizes == [4, 4] and len(batch.samples) == 8
     for k, sample in enumerate(batch.samples):
-        problem, answers, draft = (P1, BASE_SCRIPT[(P1.prompt, "conditioned")], "5") if k < 4 else (
-            P2, BASE_SCRIPT[(P2.prompt, "conditioned")], "2")
+        problem, answers, draft = (
+            (P1, BASE_SCRIPT[(P1.prompt, "conditioned")], "5")
+            if k < 4
+            else (P2, BASE_SCRIPT[(P2.prompt, "conditioned")], "2")
+        )
         # The prompt is q' with the chosen draft; the response (and only it) is the refinement.
         assert prompt_text(tok, sample).endswith(
             f"{problem.prompt}\n\nPrior draft:\n<draft>\n{respond(draft)}\n</draft><|im_end|>\n<|im_start|>assistant\n"
         )
         assert response_text(tok, sample) == respond(answers[k % 4])
-        assert sample.generation_logprobs.dtype == torch.float32 and sample.generation_logprobs.shape == (sample.response_length,)
+        assert sample.generation_logprobs.dtype == torch.float32 and sample.generation_logprobs.shape == (
+            sample.response_length,
+        )
     assert [s.advantage for s in batch.samples] == pytest.approx(grpo([2, 2, 1, 2]) + grpo([2, 2, 2, 0]), abs=1e-9)
 
     m = batch.metrics
@@ -199,7 +213,9 @@ def test_plain_grpo_is_the_same_path_without_drafts(tok, rewards):
     batch = rollout.run([P1, P2], step=0)
     assert [params.n for _, params in backend.calls] == [4]  # one stage only
     plain = PromptBuilder(tok, rollout.cfg.template, max_prompt_tokens=512, max_new_tokens=64)
-    assert [s.token_ids[: s.response_start] for s in batch.samples] == [plain.plain(P1.prompt)] * 4 + [plain.plain(P2.prompt)] * 4
+    assert [s.token_ids[: s.response_start] for s in batch.samples] == [plain.plain(P1.prompt)] * 4 + [
+        plain.plain(P2.prompt)
+    ] * 4
     assert [s.advantage for s in batch.samples] == pytest.approx(grpo([2, 1, 2, 0]) + [0.0] * 4, abs=1e-9)
     assert "reward/draft_mean" not in batch.metrics and "reward/refine_minus_draft" not in batch.metrics
     assert batch.metrics["groups/zero_variance_frac"] == 0.5
@@ -210,6 +226,7 @@ def test_plain_grpo_is_the_same_path_without_drafts(tok, rewards):
 
 def test_draft_reward_changes_only_which_draft_is_chosen(tok, rewards):
     refinements = ["5", "7", "RAW:5", "5"]  # the refinement script ignores the draft
+
     def run(drafts):
         script = {(P1.prompt, "plain"): drafts, (P1.prompt, "conditioned"): refinements}
         rollout, _ = make_rollout(tok, rewards, script)
@@ -295,7 +312,9 @@ def test_dynamic_sampling_drops_and_refills(tok, rewards):
         requested.append(k)
         return refill
 
-    cfg = algo(num_drafts=2, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2))
+    cfg = algo(
+        num_drafts=2, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2)
+    )
     rollout, backend = make_rollout(tok, rewards, script, cfg=cfg, problem_source=source)
     batch = rollout.run(first, step=0)
     assert requested == [2]  # one refill was enough
@@ -317,7 +336,9 @@ def test_dynamic_sampling_is_bounded(tok, rewards):
         calls.append(k)
         return always_easy
 
-    cfg = algo(num_drafts=2, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2))
+    cfg = algo(
+        num_drafts=2, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2)
+    )
     # The easy refill problems are re-used, so let the script serve them twice.
     for p in always_easy:
         for kind in ("plain", "conditioned"):
@@ -328,7 +349,12 @@ def test_dynamic_sampling_is_bounded(tok, rewards):
     assert batch.metrics["groups/kept"] == 1 and batch.metrics["groups/dropped"] == 5 and len(batch.samples) == 2
 
     # Disabled: nothing is dropped; the zero-variance group trains with zero advantages.
-    rollout, _ = make_rollout(tok, rewards, ds_script([problem(1), problem(2)], easy={1}), cfg=replace(cfg, dynamic_sampling=DynamicSamplingConfig()))
+    rollout, _ = make_rollout(
+        tok,
+        rewards,
+        ds_script([problem(1), problem(2)], easy={1}),
+        cfg=replace(cfg, dynamic_sampling=DynamicSamplingConfig()),
+    )
     batch = rollout.run([problem(1), problem(2)], step=0)
     assert len(batch.samples) == 4 and batch.metrics["groups/dropped"] == 0
 
@@ -366,7 +392,9 @@ def test_two_refinement_rounds(tok, rewards):
         (P1.prompt, "plain"): ["4", "6"],
         (P1.prompt, "conditioned"): ["7", "5", "5", "8"],  # round 1: 7 5 -> best "5"; round 2: 5 8
     }
-    rollout, backend = make_rollout(tok, rewards, script, cfg=algo(num_drafts=2, num_refinements=2, refinement_rounds=2))
+    rollout, backend = make_rollout(
+        tok, rewards, script, cfg=algo(num_drafts=2, num_refinements=2, refinement_rounds=2)
+    )
     batch = rollout.run([P1], step=0)
     assert [p.n for _, p in backend.calls] == [2, 2, 2]
     assert batch.group_sizes == [2, 2]
@@ -464,7 +492,11 @@ class TinyModelBackend(GenerationBackend):
                     if token in params.stop_token_ids:
                         finish = "stop"
                         break
-                results.append(GenerationResult(list(prompt), new, self.tok.decode(new, skip_special_tokens=True), logprobs, finish))
+                results.append(
+                    GenerationResult(
+                        list(prompt), new, self.tok.decode(new, skip_special_tokens=True), logprobs, finish
+                    )
+                )
             out.append(results)
         return out
 
@@ -478,7 +510,9 @@ def test_tiny_model_rollout_aligns_logprobs_and_masks_the_draft(tiny_llama_dir, 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     cfg = algo(num_drafts=2, num_refinements=2)
-    rollout = IGRPORollout(cfg, gen_cfg(max_new_tokens=6, temperature=1.0), TinyModelBackend(model, tok), rewards, tok, seed=5)
+    rollout = IGRPORollout(
+        cfg, gen_cfg(max_new_tokens=6, temperature=1.0), TinyModelBackend(model, tok), rewards, tok, seed=5
+    )
     batch = rollout.run([P1, P2], step=0)
     assert len(batch.samples) == 4 and batch.group_sizes == [2, 2]
 
@@ -518,8 +552,14 @@ def test_tiny_model_rollout_aligns_logprobs_and_masks_the_draft(tiny_llama_dir, 
 
 def test_draft_truncated_to_the_model_context(tok, rewards):
     script = {(P1.prompt, "plain"): ["4", "5"], (P1.prompt, "conditioned"): ["5", "4"]}
-    cfg = algo(num_drafts=2, num_refinements=2, template=DraftTemplateConfig(system_prompt=SHORT_SYSTEM, truncation_side="left"))
-    frame = len(PromptBuilder(tok, cfg.template, max_prompt_tokens=512, max_new_tokens=64).with_draft(P1.prompt, "").token_ids)
+    cfg = algo(
+        num_drafts=2,
+        num_refinements=2,
+        template=DraftTemplateConfig(system_prompt=SHORT_SYSTEM, truncation_side="left"),
+    )
+    frame = len(
+        PromptBuilder(tok, cfg.template, max_prompt_tokens=512, max_new_tokens=64).with_draft(P1.prompt, "").token_ids
+    )
     context = frame + 64 + 10  # room for 10 draft tokens
     rollout, _ = make_rollout(tok, rewards, script, cfg=cfg, max_context_tokens=context)
     batch = rollout.run([P1], step=0)
@@ -533,11 +573,21 @@ def test_draft_truncated_to_the_model_context(tok, rewards):
 def test_algorithm_config_problems_lists_every_problem():
     from nemo_igrpo.algorithms.validation import algorithm_config_problems
 
-    cfg = AlgorithmConfig(num_refinements=1, tie_break="last", advantage="nope", dual_clip_c=0.5,
-                          template=DraftTemplateConfig(draft_wrapper="{draft}"))
+    cfg = AlgorithmConfig(
+        num_refinements=1,
+        tie_break="last",
+        advantage="nope",
+        dual_clip_c=0.5,
+        template=DraftTemplateConfig(draft_wrapper="{draft}"),
+    )
     keys = [key for key, _ in algorithm_config_problems(cfg, gen_cfg())]
-    assert keys == ["algorithm.num_refinements", "algorithm.tie_break", "algorithm.advantage",
-                    "algorithm.dual_clip_c", "algorithm.template.draft_wrapper"]
+    assert keys == [
+        "algorithm.num_refinements",
+        "algorithm.tie_break",
+        "algorithm.advantage",
+        "algorithm.dual_clip_c",
+        "algorithm.template.draft_wrapper",
+    ]
     assert algorithm_config_problems(AlgorithmConfig(), gen_cfg()) == []
 
 
@@ -606,19 +656,32 @@ def random_script(problems, seed: int, length: int = 40) -> dict:
 
 def comparable(batch):
     """Everything a batch holds except wall times and the mode flag."""
-    metrics = {k: v for k, v in batch.metrics.items()
-               if not k.startswith("timing/") and k not in ("reward/seconds", "rollout/pipelined")}
+    metrics = {
+        k: v
+        for k, v in batch.metrics.items()
+        if not k.startswith("timing/") and k not in ("reward/seconds", "rollout/pipelined")
+    }
     samples = [(s.token_ids, s.response_start, s.advantage, s.generation_logprobs.tolist()) for s in batch.samples]
     return samples, batch.group_sizes, metrics, batch.records
 
 
-def run_both_modes(tok, rewards, make_backend, cfg, problems, gen=None, steps=(0, 1), source=None, max_context_tokens=None):
+def run_both_modes(
+    tok, rewards, make_backend, cfg, problems, gen=None, steps=(0, 1), source=None, max_context_tokens=None
+):
     """The same steps through the two-barrier rollout and the pipelined one (fresh backends)."""
     batches = {}
     for pipelined in (False, True):
         backend = make_backend(pipelined)
-        rollout = IGRPORollout(cfg, gen or gen_cfg(), backend, rewards, tok, seed=11, max_context_tokens=max_context_tokens,
-                               problem_source=source() if source else None)
+        rollout = IGRPORollout(
+            cfg,
+            gen or gen_cfg(),
+            backend,
+            rewards,
+            tok,
+            seed=11,
+            max_context_tokens=max_context_tokens,
+            problem_source=source() if source else None,
+        )
         assert rollout.pipelined is pipelined  # auto: on exactly when the backend's stream overlaps
         batches[pipelined] = [rollout.run(problems, step=s) for s in steps]
         if pipelined:
@@ -632,26 +695,41 @@ def run_both_modes(tok, rewards, make_backend, cfg, problems, gen=None, steps=(0
 SIX = [problem(i) for i in range(1, 7)]
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("igrpo", algo()),
-    ("random_ties", algo(tie_break="random")),
-    ("skip_all_zero", algo(all_zero_drafts="skip")),
-    ("grpo", algo(num_drafts=0, num_refinements=4)),
-    ("adaptive", algo(num_drafts=4, num_refinements=3, adaptive_draft_budget=True)),
-    ("rounds", algo(num_drafts=2, num_refinements=3, refinement_rounds=3)),
-    ("overlong", algo(overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=1.0))),
-    ("dynamic_sampling", algo(num_drafts=3, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True))),
-    ("everything", algo(num_drafts=4, num_refinements=2, adaptive_draft_budget=True, refinement_rounds=2, tie_break="random",
-                        dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2),
-                        overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=0.5))),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("igrpo", algo()),
+        ("random_ties", algo(tie_break="random")),
+        ("skip_all_zero", algo(all_zero_drafts="skip")),
+        ("grpo", algo(num_drafts=0, num_refinements=4)),
+        ("adaptive", algo(num_drafts=4, num_refinements=3, adaptive_draft_budget=True)),
+        ("rounds", algo(num_drafts=2, num_refinements=3, refinement_rounds=3)),
+        ("overlong", algo(overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=1.0))),
+        (
+            "dynamic_sampling",
+            algo(num_drafts=3, num_refinements=2, dynamic_sampling=DynamicSamplingConfig(enabled=True)),
+        ),
+        (
+            "everything",
+            algo(
+                num_drafts=4,
+                num_refinements=2,
+                adaptive_draft_budget=True,
+                refinement_rounds=2,
+                tie_break="random",
+                dynamic_sampling=DynamicSamplingConfig(enabled=True, max_generation_batches=2),
+                overlong_shaping=OverlongShapingConfig(enabled=True, buffer_tokens=20, penalty=0.5),
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("order_seed", [0, 1])
 def test_pipelined_rollout_gives_the_barrier_batches(tok, rewards, name, cfg, order_seed):
     refill = [problem(i) for i in range(7, 25)]
     script = random_script(SIX + refill, seed=order_seed + 100)
 
     def source():
-        it = iter([refill[i: i + 6] for i in range(0, 18, 6)] * 4)
+        it = iter([refill[i : i + 6] for i in range(0, 18, 6)] * 4)
         return lambda k: next(it)[:k]
 
     backends = []
@@ -695,17 +773,25 @@ def test_pipelined_rollout_with_a_real_model_matches(tiny_llama_dir, rewards):
         return OverlappingBackend(inner, 3) if pipelined else inner
 
     cfg = algo(num_drafts=2, num_refinements=2, refinement_rounds=2, tie_break="random")
-    run_both_modes(tok, rewards, make, cfg, [P1, P2, problem(4)], gen=gen_cfg(max_new_tokens=5, temperature=1.0), steps=(0,))
+    run_both_modes(
+        tok, rewards, make, cfg, [P1, P2, problem(4)], gen=gen_cfg(max_new_tokens=5, temperature=1.0), steps=(0,)
+    )
 
 
 def test_pipelining_on_a_backend_without_streams_keeps_the_barrier_calls(tok, rewards, caplog):
     with caplog.at_level(logging.WARNING, logger="nemo_igrpo.algorithms.rollout"):
         rollout, backend = make_rollout(tok, rewards, BASE_SCRIPT, pipeline_refinements=True)
-    assert rollout.pipelined and "cannot overlap requests" in caplog.text and "algorithm.pipeline_refinements" in caplog.text
+    assert (
+        rollout.pipelined
+        and "cannot overlap requests" in caplog.text
+        and "algorithm.pipeline_refinements" in caplog.text
+    )
     batch = rollout.run([P1, P2], step=3)
     # The default stream (BarrierStream) sends the same two generate() calls, with the same seeds.
     assert [(len(p), params.n, params.seed) for p, params in backend.calls] == [
-        (2, 4, request_seed(11, 3, 0, 1, 4)), (2, 4, request_seed(11, 3, 0, 100, 4))]
+        (2, 4, request_seed(11, 3, 0, 1, 4)),
+        (2, 4, request_seed(11, 3, 0, 100, 4)),
+    ]
     reference, _ = make_rollout(tok, rewards, BASE_SCRIPT, pipeline_refinements=False)
     assert comparable(batch) == comparable(reference.run([P1, P2], step=3))
 
@@ -776,7 +862,7 @@ def test_server_stream_posts_prompts_concurrently_and_returns_them_as_they_finis
             stream.submit("bad", [], params)  # validated where it is submitted
         assert stream.wait(timeout=0.05) == []  # nothing answered yet
         released[8].set()
-        (key, results), = stream.wait()
+        ((key, results),) = stream.wait()
         assert key == "p8" and len(results) == 2 and results[0].prompt_token_ids == [8, 3]
         assert sorted(posted) == [7, 8, 9]  # all three were in flight at once
         released[7].set()

@@ -1,6 +1,7 @@
 """What the rollout reports about bad input: a problem whose prompt can never fit (named by its file
 and line, logged once, counted) and a reward term that fails on every sample (counted per step,
 then the run stops). Reuses test_rollout's scripted backend: texts are known by hand."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ def rewards():
 
 def test_a_problem_that_never_fits_is_named_by_file_and_line_and_counted(tok, rewards, tmp_path, caplog):
     data = tmp_path / "train.jsonl"
-    rows = [{"problem": P1.prompt, "answer": "5"}, {"problem": "Explain " + "very " * 200 + "carefully.", "answer": "1"},
-            {"problem": P2.prompt, "answer": "9"}]
+    rows = [
+        {"problem": P1.prompt, "answer": "5"},
+        {"problem": "Explain " + "very " * 200 + "carefully.", "answer": "1"},
+        {"problem": P2.prompt, "answer": "9"},
+    ]
     # A blank line first: the long problem is at position 1 but on line 3 of the file.
     data.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
     p1, long, p2 = load_problems(data, "problem", "answer")
@@ -47,8 +51,11 @@ def always_fails(prompt, response, reference):
 
 def test_a_reward_term_failing_everywhere_is_a_step_metric_and_stops_the_run(tok, tmp_path):
     term = f"{__name__}:always_fails"
-    cfg = RewardConfig(num_workers=0, max_failing_steps=2,
-                       terms=[RewardTermConfig("math_accuracy"), RewardTermConfig("format"), RewardTermConfig(term)])
+    cfg = RewardConfig(
+        num_workers=0,
+        max_failing_steps=2,
+        terms=[RewardTermConfig("math_accuracy"), RewardTermConfig("format"), RewardTermConfig(term)],
+    )
     script = {k: v * 2 for k, v in BASE_SCRIPT.items()}
     with RewardManager(cfg) as manager:
         rollout, _ = make_rollout(tok, manager, script)
@@ -56,6 +63,9 @@ def test_a_reward_term_failing_everywhere_is_a_step_metric_and_stops_the_run(tok
         # Drafts (2 x 4) and refinements (2 x 4) of the step, all failed for that term only.
         assert batch.metrics[f"reward/{term}/errors"] == 16 and batch.metrics[f"reward/{term}/failing_steps"] == 1
         assert batch.metrics["reward/format/errors"] == 0
-        with pytest.raises(RewardTermFailing, match=f"reward term '{term}' failed on every sample for 2 consecutive "
-                                                    "steps .*RuntimeError: grader service unreachable"):
+        with pytest.raises(
+            RewardTermFailing,
+            match=f"reward term '{term}' failed on every sample for 2 consecutive "
+            "steps .*RuntimeError: grader service unreachable",
+        ):
             rollout.run([P1, P2], step=2)

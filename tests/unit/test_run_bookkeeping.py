@@ -1,5 +1,6 @@
 """Run bookkeeping without a model: pass@k, metrics truncation on resume, checkpoint discovery
 and pruning (a half-written checkpoint is never picked), the demo task's data."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,7 @@ def test_demo_data_split_is_disjoint_and_correct(tmp_path):
     assert len(ev) == 50 and len(tr) == 90 * 89 - 50
     assert not {r["problem"] for r in tr} & {r["problem"] for r in ev}
     for r in random.Random(0).sample(tr, 20):
-        a, b = map(int, r["problem"][len("max("):-len(")=")].split(","))
+        a, b = map(int, r["problem"][len("max(") : -len(")=")].split(","))
         assert int(r["answer"]) == max(a, b)
     assert units_digit_mistake(38, 45) == 38 and units_digit_mistake(31, 45) == 45
     assert is_tricky(38, 45) and not is_tricky(31, 45) and not is_tricky(35, 45)
@@ -80,7 +81,11 @@ def test_demo_reads_the_whole_runs_evaluations(tmp_path):
     from nemo_igrpo.demo.run import _eval_accuracies
 
     metrics = tmp_path / "metrics.jsonl"
-    recs = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "loss": 0.1}, {"step": 2, "eval/accuracy": 0.75, "loss": 0.2}]
+    recs = [
+        {"step": 0, "eval/accuracy": 0.5},
+        {"step": 1, "loss": 0.1},
+        {"step": 2, "eval/accuracy": 0.75, "loss": 0.2},
+    ]
     metrics.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
     assert _eval_accuracies(metrics) == {0: 0.5, 2: 0.75}
     assert _eval_accuracies(tmp_path / "absent.jsonl") == {}

@@ -1,5 +1,6 @@
 """samples.jsonl (utils/samples.py): writing the rollout's records with a size bound, dropping
 steps after a resume point, reading them back, `igrpo samples`, and TensorBoard text."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,25 @@ from nemo_igrpo.utils.samples import SampleLog, _clean, format_record, read_samp
 def _record(step: int, index: int = 7, text_len: int = 20) -> dict:
     # The shape RolloutBatch.records has (algorithms/rollout.py, IGRPORollout._record).
     return {
-        "step": step, "problem_index": index, "problem": "max(38,45)=", "answer": "45",
-        "drafts": [{"text": "<answer>38</answer>", "reward": np.float64(0.0), "correct": np.bool_(False)},
-                   {"text": "<answer>45</answer>" + "x" * text_len, "reward": 1.0, "correct": True}],
+        "step": step,
+        "problem_index": index,
+        "problem": "max(38,45)=",
+        "answer": "45",
+        "drafts": [
+            {"text": "<answer>38</answer>", "reward": np.float64(0.0), "correct": np.bool_(False)},
+            {"text": "<answer>45</answer>" + "x" * text_len, "reward": 1.0, "correct": True},
+        ],
         "chosen_draft": 1,
-        "rounds": [{"conditioned": True, "draft_truncated": False,
-                    "refinements": [{"text": "<answer>45</answer>\nsecond line", "reward": 1.0, "advantage": 0.7071},
-                                    {"text": "<answer>4</answer>", "reward": 0.0, "advantage": float("nan")}]}],
+        "rounds": [
+            {
+                "conditioned": True,
+                "draft_truncated": False,
+                "refinements": [
+                    {"text": "<answer>45</answer>\nsecond line", "reward": 1.0, "advantage": 0.7071},
+                    {"text": "<answer>4</answer>", "reward": 0.0, "advantage": float("nan")},
+                ],
+            }
+        ],
     }
 
 

@@ -31,7 +31,10 @@ def bpe_tok():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>")
@@ -41,7 +44,11 @@ def bpe_tok():
 
 def builder(tok, max_context=None, max_prompt=4096, max_new=256, **template):
     return PromptBuilder(
-        tok, DraftTemplateConfig(**template), max_prompt_tokens=max_prompt, max_new_tokens=max_new, max_context_tokens=max_context
+        tok,
+        DraftTemplateConfig(**template),
+        max_prompt_tokens=max_prompt,
+        max_new_tokens=max_new,
+        max_context_tokens=max_context,
     )
 
 
@@ -126,7 +133,9 @@ def test_draft_cannot_inject_special_tokens(char_tok):
 
 def test_unfit_prompts_are_reported_not_cut(char_tok):
     plain_len = len(builder(char_tok).plain(PROBLEM))
-    with pytest.raises(PromptDoesNotFit, match=r"problem 7: .*needs %d tokens, limit 50; see generation.max_prompt_tokens" % plain_len) as e:
+    with pytest.raises(
+        PromptDoesNotFit, match=r"problem 7: .*needs %d tokens, limit 50; see generation.max_prompt_tokens" % plain_len
+    ) as e:
         builder(char_tok, max_prompt=50).plain(PROBLEM, problem_index=7)
     assert e.value.problem_index == 7 and e.value.needed == plain_len
     with pytest.raises(PromptDoesNotFit, match="exceeds the model context"):
@@ -140,7 +149,11 @@ def test_unfit_prompts_are_reported_not_cut(char_tok):
 
 def test_raw_text_mode_without_chat_template(char_tok):
     b = PromptBuilder(
-        char_tok, DraftTemplateConfig(system_prompt="SYS"), max_prompt_tokens=4096, max_new_tokens=8, apply_chat_template=False
+        char_tok,
+        DraftTemplateConfig(system_prompt="SYS"),
+        max_prompt_tokens=4096,
+        max_new_tokens=8,
+        apply_chat_template=False,
     )
     assert char_tok.decode(b.plain("2+2?")) == "SYS\n\n2+2?"
     built = b.with_draft("2+2?", "4")

@@ -23,16 +23,20 @@ def unclipped_pg(inputs: LossInputs, cfg: AlgorithmConfig) -> PolicyLossOutput:
     With one update per rollout batch rho_t = 1 in value, so this is plain REINFORCE with the
     group baseline; it only differs from `clipped` once the policy moves between mini-batches.
     """
-    log_ratio = (inputs.logprobs - inputs.old_logprobs.to(inputs.logprobs.dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = (inputs.logprobs - inputs.old_logprobs.to(inputs.logprobs.dtype)).clamp(
+        -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+    )
     ratio = torch.exp(log_ratio)
     loss = -inputs.advantages.to(ratio.dtype) * ratio
     never = torch.zeros_like(ratio, dtype=torch.bool)  # nothing is clipped: the metrics read 0
-    return PolicyLossOutput(per_token_loss=loss, ratio=ratio.detach(), clipped_low=never,
-                            clipped_high=never, dual_clipped=never)
+    return PolicyLossOutput(
+        per_token_loss=loss, ratio=ratio.detach(), clipped_low=never, clipped_high=never, dual_clipped=never
+    )
 
 
-def seq_mean_token_sqrt(per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int,
-                        norm: LossNormalizer) -> torch.Tensor:
+def seq_mean_token_sqrt(
+    per_token: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, norm: LossNormalizer
+) -> torch.Tensor:
     """(1/S) sum_i sum_t L_it / sqrt(|o_i|): between token-sum (long answers dominate) and
     token-mean (every answer weighs the same). Sequences are never split across micro-batches,
     so each |o_i| is complete here; S is the whole step's sequence count."""

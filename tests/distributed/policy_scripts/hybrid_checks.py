@@ -50,8 +50,14 @@ def make_samples() -> list[TrainSample]:
     g = torch.Generator().manual_seed(3)
     # Lengths above and below the scan chunk (16); response starts anywhere.
     spec = [(37, 5), (12, 3), (21, 20), (7, 1), (30, 10), (18, 9)]
-    return [TrainSample(token_ids=torch.randint(4, 100, (n,), generator=g).tolist(), response_start=r,
-                        advantage=float(torch.randn((), generator=g))) for n, r in spec]
+    return [
+        TrainSample(
+            token_ids=torch.randint(4, 100, (n,), generator=g).tolist(),
+            response_start=r,
+            advantage=float(torch.randn((), generator=g)),
+        )
+        for n, r in spec
+    ]
 
 
 def pg_loss(inp, norm):
@@ -176,8 +182,10 @@ def main() -> None:
                         assert torch.equal(saved[k], v), f"save_hf: {k} differs"
                     from transformers import AutoConfig
 
-                    assert AutoConfig.from_pretrained(WORK / "saved_hf").layers_block_type == \
-                        AutoConfig.from_pretrained(HF_DIR).layers_block_type
+                    assert (
+                        AutoConfig.from_pretrained(WORK / "saved_hf").layers_block_type
+                        == AutoConfig.from_pretrained(HF_DIR).layers_block_type
+                    )
 
                 def vs_transformers():
                     for i in range(len(samples)):
@@ -187,10 +195,16 @@ def main() -> None:
 
                 def packing_invisible():
                     for i in range(len(samples)):
-                        torch.testing.assert_close(res["alone"][i], res["logprobs"][i], rtol=0, atol=1e-6,
-                                                   msg=f"sample {i} alone vs packed")
-                        torch.testing.assert_close(res["padded"][i], res["logprobs"][i], rtol=0, atol=1e-6,
-                                                   msg=f"sample {i} packed with padding vs packed")
+                        torch.testing.assert_close(
+                            res["alone"][i], res["logprobs"][i], rtol=0, atol=1e-6, msg=f"sample {i} alone vs packed"
+                        )
+                        torch.testing.assert_close(
+                            res["padded"][i],
+                            res["logprobs"][i],
+                            rtol=0,
+                            atol=1e-6,
+                            msg=f"sample {i} packed with padding vs packed",
+                        )
 
                 def grads_vs_transformers():
                     assert res["m1"]["skipped"] == 0.0 and res["m1"]["grad_norm"] > 0, res["m1"]
@@ -205,6 +219,7 @@ def main() -> None:
                 check("packing_and_padding_invisible", packing_invisible)
                 check("grads_match_transformers", grads_vs_transformers)
                 check("megatron_generation_refused", megatron_generation_refused)
+
                 def checkpoint_written():
                     assert (ckpt / "metadata.json").is_file(), "no dist-checkpoint metadata"
 
@@ -217,8 +232,12 @@ def main() -> None:
 
             def same_logprobs():
                 for i in range(len(samples)):
-                    torch.testing.assert_close(res["logprobs"][i], base["logprobs"][i], rtol=0, atol=1e-5, msg=f"sample {i}")
-                    torch.testing.assert_close(res["entropy"][i], base["entropy"][i], rtol=0, atol=1e-5, msg=f"sample {i}")
+                    torch.testing.assert_close(
+                        res["logprobs"][i], base["logprobs"][i], rtol=0, atol=1e-5, msg=f"sample {i}"
+                    )
+                    torch.testing.assert_close(
+                        res["entropy"][i], base["entropy"][i], rtol=0, atol=1e-5, msg=f"sample {i}"
+                    )
 
             def same_step():
                 for key in ("loss", "entropy", "num_tokens", "grad_norm", "lr"):
@@ -226,7 +245,9 @@ def main() -> None:
                     assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"{key}: {a} vs TP1 {b}"
                 assert_grads_close(res["grads"], base["grads"], f"{tag} vs TP1")
                 for k in base["after"]:
-                    torch.testing.assert_close(res["after"][k], base["after"][k], rtol=1e-4, atol=2e-6, msg=f"{k} after step")
+                    torch.testing.assert_close(
+                        res["after"][k], base["after"][k], rtol=1e-4, atol=2e-6, msg=f"{k} after step"
+                    )
 
             def resumed():
                 assert res["extra"] == {"step": 1}, res["extra"]
@@ -244,8 +265,12 @@ def main() -> None:
     t0 = time.time()
     steps = {}
     for name, kw in (("full_recompute", {"activation_recompute": "full"}), ("bf16", {"precision": "bf16"})):
-        cfg = PolicyConfig(model=ModelConfig(hf_path=HF_DIR, transformer_impl="local"), max_tokens_per_microbatch=45,
-                           optimizer=OptimizerConfig(lr=1e-3, warmup_ratio=0.0, clip_grad=0.0, adam_eps=1e-2), **kw)
+        cfg = PolicyConfig(
+            model=ModelConfig(hf_path=HF_DIR, transformer_impl="local"),
+            max_tokens_per_microbatch=45,
+            optimizer=OptimizerConfig(lr=1e-3, warmup_ratio=0.0, clip_grad=0.0, adam_eps=1e-2),
+            **kw,
+        )
         actor = MegatronActor(cfg, seed=0, total_steps=4)
         steps[name] = actor.train_step(samples, pg_loss)
         del actor

@@ -71,7 +71,10 @@ def loss_fn(inp, norm):
     obj = torch.minimum(ratio * inp.advantages, ratio.clamp(0.8, 1.2) * inp.advantages)
     loss = -obj.sum() / norm.num_tokens
     per_seq = torch.zeros(inp.num_seqs).index_add(0, inp.seq_ids, torch.ones_like(inp.logprobs))
-    return loss, {"ratio_sum": ratio.detach().sum() / norm.num_tokens, "seqs": (per_seq > 0).float().sum() / norm.num_seqs}
+    return loss, {
+        "ratio_sum": ratio.detach().sum() / norm.num_tokens,
+        "seqs": (per_seq > 0).float().sum() / norm.num_seqs,
+    }
 
 
 def nan_loss(inp, norm):
@@ -186,7 +189,9 @@ def main() -> None:
 
             def same_logprobs():
                 for i in range(len(samples)):
-                    torch.testing.assert_close(res["logprobs"][i], base["logprobs"][i], **LOGPROB_TOL, msg=f"sample {i}")
+                    torch.testing.assert_close(
+                        res["logprobs"][i], base["logprobs"][i], **LOGPROB_TOL, msg=f"sample {i}"
+                    )
                     torch.testing.assert_close(res["entropy"][i], base["entropy"][i], **LOGPROB_TOL, msg=f"sample {i}")
 
             def same_step():
@@ -200,7 +205,9 @@ def main() -> None:
 
             def same_update():
                 for k in base["after"]:
-                    torch.testing.assert_close(res["after"][k], base["after"][k], rtol=1e-4, atol=2e-6, msg=f"{k} after step")
+                    torch.testing.assert_close(
+                        res["after"][k], base["after"][k], rtol=1e-4, atol=2e-6, msg=f"{k} after step"
+                    )
 
             def resumed():
                 assert res["extra"] == {"step": 1, "sampler": [1, 2, 3]}, res["extra"]
@@ -217,7 +224,9 @@ def main() -> None:
             if dist_opt:
 
                 def clear_error():
-                    assert "use_distributed_optimizer" in (res["optimizer_kind_error"] or ""), res["optimizer_kind_error"]
+                    assert "use_distributed_optimizer" in (res["optimizer_kind_error"] or ""), res[
+                        "optimizer_kind_error"
+                    ]
 
                 check("resume_needs_same_optimizer_kind", clear_error)
             else:

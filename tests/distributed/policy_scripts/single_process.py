@@ -48,8 +48,11 @@ def samples(n_tokens_max=100, seed=0):
     g = torch.Generator().manual_seed(seed)
     spec = [(12, 5), (30, 10), (7, 1), (21, 20), (16, 3)]
     return [
-        TrainSample(token_ids=torch.randint(4, n_tokens_max, (n,), generator=g).tolist(), response_start=r,
-                    advantage=float(torch.randn((), generator=g)))
+        TrainSample(
+            token_ids=torch.randint(4, n_tokens_max, (n,), generator=g).tolist(),
+            response_start=r,
+            advantage=float(torch.randn((), generator=g)),
+        )
         for n, r in spec
     ]
 
@@ -98,7 +101,9 @@ def main():
         reloaded = AutoModelForCausalLM.from_pretrained(WORK / "llama_out", dtype=torch.float32).state_dict()
         for k, v in src.items():
             assert torch.equal(reloaded[k], v), f"save_hf: {k} differs"
-        assert AutoTokenizer.from_pretrained(WORK / "llama_out").encode("1+2=") == AutoTokenizer.from_pretrained(llama).encode("1+2=")
+        assert AutoTokenizer.from_pretrained(WORK / "llama_out").encode("1+2=") == AutoTokenizer.from_pretrained(
+            llama
+        ).encode("1+2=")
 
     def packing_is_invisible():
         packed = actor.compute_logprobs(seq)  # all five samples share one micro-batch
@@ -113,7 +118,9 @@ def main():
         ref0 = actor.compute_logprobs(seq, reference=True)
         for a, b in zip(pol0, ref0):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        train = [TrainSample(s.token_ids, s.response_start, advantage=s.advantage, ref_logprobs=r) for s, r in zip(ss, ref0)]
+        train = [
+            TrainSample(s.token_ids, s.response_start, advantage=s.advantage, ref_logprobs=r) for s, r in zip(ss, ref0)
+        ]
         m1 = actor.train_step(train, kl_loss)
         m2 = actor.train_step(train, kl_loss)
         assert abs(m1["kl"]) < 1e-6 and m2["kl"] > 1e-6, (m1, m2)
@@ -159,10 +166,20 @@ def main():
         fused = MegatronActor(cfg_for(llama), seed=0, total_steps=3)
         separate = MegatronActor(cfg_for(llama), seed=0, total_steps=3)
         old = separate.compute_logprobs(seq)
-        m_fused = fused.train_step([TrainSample(s.token_ids, s.response_start, advantage=s.advantage,
-                                                generation_logprobs=o + 0.1) for s, o in zip(ss, old)], clipped)
-        m_sep = separate.train_step([TrainSample(s.token_ids, s.response_start, advantage=s.advantage,
-                                                 old_logprobs=o, generation_logprobs=o) for s, o in zip(ss, old)], clipped)
+        m_fused = fused.train_step(
+            [
+                TrainSample(s.token_ids, s.response_start, advantage=s.advantage, generation_logprobs=o + 0.1)
+                for s, o in zip(ss, old)
+            ],
+            clipped,
+        )
+        m_sep = separate.train_step(
+            [
+                TrainSample(s.token_ids, s.response_start, advantage=s.advantage, old_logprobs=o, generation_logprobs=o)
+                for s, o in zip(ss, old)
+            ],
+            clipped,
+        )
         assert m_fused["skipped"] == 0.0 and m_sep["skipped"] == 0.0
         assert abs(m_fused["loss"] - m_sep["loss"]) <= 1e-7, (m_fused["loss"], m_sep["loss"])
         assert abs(m_fused["grad_norm"] - m_sep["grad_norm"]) <= 1e-6 * m_sep["grad_norm"], (m_fused, m_sep)
@@ -278,7 +295,9 @@ def main():
         plain.save_pretrained(out)
         del plain
         tok.save_pretrained(out)
-        prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+        )
         ids = tok(prompt + "2+3 equals 5.")["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)

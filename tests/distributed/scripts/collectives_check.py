@@ -6,6 +6,7 @@ and the trainer's control-plane collectives must still work (they run on the glo
 MODE "timeout": policy.distributed_timeout_minutes reaches init_process_group and the control
 group: with a 3-second limit, rank 1 gives up waiting for a late rank 0 in about that time.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ only. Records, on rank 0, a greedy rollout (token ids, rewards, advantages), the
 update of the policy and a weight sync, a second greedy rollout and an evaluation; and on every
 rank, what its own engine (if any) generates greedily after the sync. The test compares modes.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,27 @@ def main() -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["IGRPO_TEST_DUMP_AFTER_S"]), exit=True)
-    cfg = load_config(REPO / "conf" / "demo.yaml", [
-        f"policy.model.hf_path={model}", f"data.train_path={data / 'train.jsonl'}", f"data.eval_path={data / 'eval.jsonl'}",
-        f"run.dir={out / ('run_' + mode)}", "data.prompts_per_step=4", "algorithm.num_drafts=2", "algorithm.num_refinements=2",
-        "generation.max_new_tokens=8", "generation.temperature=0", "eval.temperature=0", "eval.num_samples=1",
-        f"generation.data_parallel={'true' if mode == 'dp' else 'false'}",
-        "trainer.progress_bars=false", "logging.tensorboard=false", "reward.num_workers=0",
-        "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
-    ])
+    cfg = load_config(
+        REPO / "conf" / "demo.yaml",
+        [
+            f"policy.model.hf_path={model}",
+            f"data.train_path={data / 'train.jsonl'}",
+            f"data.eval_path={data / 'eval.jsonl'}",
+            f"run.dir={out / ('run_' + mode)}",
+            "data.prompts_per_step=4",
+            "algorithm.num_drafts=2",
+            "algorithm.num_refinements=2",
+            "generation.max_new_tokens=8",
+            "generation.temperature=0",
+            "eval.temperature=0",
+            "eval.num_samples=1",
+            f"generation.data_parallel={'true' if mode == 'dp' else 'false'}",
+            "trainer.progress_bars=false",
+            "logging.tensorboard=false",
+            "reward.num_workers=0",
+            "reward.terms=[{name: math_accuracy, weight: 1.0}, {name: 'e2e_rewards:digit_fraction', weight: 1.0}]",
+        ],
+    )
     trainer = Trainer(cfg, console=lambda m: None)
     trainer._setup()
     rank = collectives.rank()
@@ -46,8 +60,11 @@ def main() -> None:
         if trainer.is_main:
             with trainer._generation_session():
                 batch = trainer.rollout.run(trainer.sampler.next_batch(), step)
-            out = {"tokens": [s.token_ids for s in batch.samples], "advantages": [s.advantage for s in batch.samples],
-                   "rewards": {k: v for k, v in batch.metrics.items() if k.startswith("reward/") and "seconds" not in k}}
+            out = {
+                "tokens": [s.token_ids for s in batch.samples],
+                "advantages": [s.advantage for s in batch.samples],
+                "rewards": {k: v for k, v in batch.metrics.items() if k.startswith("reward/") and "seconds" not in k},
+            }
             return collectives.broadcast_object((out, batch.samples))
         if trainer.generator is not None:
             trainer.generator.serve()
@@ -65,7 +82,9 @@ def main() -> None:
     engine = trainer.generator.local if trainer.generator is not None else (trainer.backend if rank == 0 else None)
     if engine is not None:  # this rank's own engine after the sync
         probe = [trainer.tokenizer.encode("max(12,34)="), trainer.tokenizer.encode("max(77,41)=")]
-        report["own_engine"] = [r[0].token_ids for r in engine.generate(probe, SamplingParams(temperature=0, max_new_tokens=8))]
+        report["own_engine"] = [
+            r[0].token_ids for r in engine.generate(probe, SamplingParams(temperature=0, max_new_tokens=8))
+        ]
     (out / f"{mode}_rank{rank}.json").write_text(json.dumps(report))
     trainer.close()
 

@@ -36,8 +36,11 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     for tp, pp in LAYOUTS:
         t0 = time.time()
-        cfg = PolicyConfig(model=ModelConfig(hf_path=HF_DIR, transformer_impl="local"),
-                           tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        cfg = PolicyConfig(
+            model=ModelConfig(hf_path=HF_DIR, transformer_impl="local"),
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+        )
         actor = MegatronActor(cfg, seed=0, total_steps=1)
         # The same backend seed on every rank, as the trainer builds it; the unseeded request
         # below checks that the ranks of a model-parallel group still sample alike.
@@ -45,7 +48,9 @@ def main() -> None:
         actor.model_chunks[0].train()
         report = {
             "greedy": as_lists(backend.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10, n=2))),
-            "seeded": as_lists(backend.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=7))),
+            "seeded": as_lists(
+                backend.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=7))
+            ),
             "unseeded": as_lists(backend.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_new_tokens=6, n=2))),
             "training_restored": actor.model_chunks[0].training,
             "inference_mode_off": not InferenceMode.is_active(),
