@@ -54,3 +54,11 @@ def run_torchrun(
             f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def max_demo_warm_start() -> Path:
+    """The shipped warm start of the max(a, b) demo (not the max2 task's, `warmstart-max2-*`)."""
+    assets = REPO / "nemo_igrpo" / "demo" / "assets"
+    found = sorted(p for p in assets.glob("warmstart-*") if not p.name.startswith("warmstart-max2-"))
+    assert len(found) == 1, f"expected one max-demo warm start under {assets}, found {found}"
+    return found[0]

@@ -364,9 +364,14 @@ def run_suite_cli(args) -> int:
     if not checkpoints:
         raise UserError("no model: pass --checkpoint (once, or twice for a side-by-side) or set policy.model.hf_path")
     data_dir = args.data_dir or os.environ.get("IGRPO_BENCHMARK_DIR") or DEFAULT_DATA_DIR
-    report = run_suite(cfg, suite, checkpoints, data_dir=data_dir, labels=args.labels)
-    print(report.table())
-    out = Path(args.output) if args.output else Path(cfg.run.dir) / "eval" / f"suite_{suite.name}.json"
-    json_path, md_path = write_report(report, out)
-    print(f"wrote {json_path} and {md_path}")
+    from nemo_igrpo.utils import console
+
+    # Like train and eval: the project's lines on the terminal, the engines' output in the logs.
+    mode = console.resolve_mode(cfg.logging.console, getattr(args, "verbose", False))
+    with console.session(cfg.run.dir, mode, "eval"):
+        report = run_suite(cfg, suite, checkpoints, data_dir=data_dir, labels=args.labels)
+        console.echo(report.table())
+        out = Path(args.output) if args.output else Path(cfg.run.dir) / "eval" / f"suite_{suite.name}.json"
+        json_path, md_path = write_report(report, out)
+        console.echo(f"wrote {json_path} and {md_path}")
     return 0

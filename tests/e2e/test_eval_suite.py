@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, max_demo_warm_start
 
 DEMO_CONF = REPO / "conf" / "demo.yaml"
 PAPER_COLUMNS = ["AIME25", "AIME24", "MATH500", "AMC", "GSM8K", "Minerva", "Average"]
@@ -38,7 +38,7 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
 
 # The demo's shipped warm start answers "max(a,b)=" right about two times in three, so the table
 # holds real, non-zero Pass@1 values; the random tiny model scores (almost) nothing beside it.
-WARM_START = next((REPO / "nemo_igrpo" / "demo" / "assets").glob("warmstart-*"))
+WARM_START = max_demo_warm_start()
 PAIRS = [
     (38, 45),
     (71, 12),

@@ -28,6 +28,8 @@ from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.utils.errors import UserError
 from nemo_igrpo.utils.registry import PluginResolutionError, Registry
 
+from helpers import max_demo_warm_start
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "plugins"
 BASE = REPO / "conf" / "base.yaml"
@@ -250,7 +252,7 @@ def test_real_training_run_uses_the_plugins(tmp_path):
     )
     train, _ = split_pairs(0, 16)
     write_jsonl(train[:40], tmp_path / "train.jsonl")
-    warm_start = next((REPO / "nemo_igrpo" / "demo" / "assets").glob("warmstart-*"))
+    warm_start = max_demo_warm_start()
     log = tmp_path / "calls.log"
     env = {
         **os.environ,
