@@ -44,3 +44,22 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     from helpers import tiny_hf_model
 
     return tiny_hf_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
+
+
+# megatron-core's LanguageModule writes its attention backend choice into os.environ
+# (NVTE_FLASH_ATTN / NVTE_FUSED_ATTN / NVTE_UNFUSED_ATTN) and asserts on it the next time a model
+# is built. A model built inside the pytest process (in-process actor tests) would then leak its
+# choice into every later subprocess and into models of another kind: keep each test module's own.
+_NVTE_ATTENTION_VARS = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_nvte_attention_env():
+    # Module scope: the in-process actors are module fixtures, set up before any function one.
+    before = {k: os.environ.get(k) for k in _NVTE_ATTENTION_VARS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
