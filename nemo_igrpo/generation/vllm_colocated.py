@@ -39,7 +39,6 @@ from nemo_igrpo.generation.common import (
     check_request,
     host_bucket,
     iter_weight_buckets,
-    normalise_finish_reason,
     vllm_hybrid_engine_kwargs,
 )
 from nemo_igrpo.generation.config import GenerationConfig
@@ -193,35 +192,13 @@ class VLLMColocatedBackend(GenerationBackend):
         outputs = self.llm.generate(
             requests, vllm_sampling_params(replace(params, n=num_samples), self.cfg.stop_strings), use_tqdm=False
         )
-        results: list[list[GenerationResult]] = []
-        for i, (prompt, request_output) in enumerate(zip(prompts, outputs)):
-            samples = sorted(request_output.outputs, key=lambda c: c.index)
-            if len(samples) != num_samples:
-                raise RuntimeError(f"prompt {i}: vLLM returned {len(samples)} samples, expected {num_samples}")
-            per_prompt = []
-            for sample in samples:
-                token_ids = list(sample.token_ids)
-                if sample.logprobs is None or len(sample.logprobs) != len(token_ids):
-                    raise RuntimeError(f"prompt {i} sample {sample.index}: vLLM returned no per-token log-probs")
-                logprobs = [float(sample.logprobs[pos][tok].logprob) for pos, tok in enumerate(token_ids)]
-                per_prompt.append(
-                    GenerationResult(
-                        prompt_token_ids=list(prompt),
-                        token_ids=token_ids,
-                        text=sample.text,
-                        logprobs=logprobs,
-                        finish_reason=normalise_finish_reason(
-                            sample.finish_reason, f"prompt {i} sample {sample.index}"
-                        ),
-                    )
-                )
-            if num_samples != params.n:
-                only = per_prompt[0]
-                per_prompt = [
-                    replace(only, token_ids=list(only.token_ids), logprobs=list(only.logprobs)) for _ in range(params.n)
-                ]
-            results.append(per_prompt)
-        return results
+        # One conversion for this path and the stream's (streaming.py): same checks, same order.
+        from nemo_igrpo.generation.streaming import repeat_greedy, results_from_vllm_output
+
+        return [
+            repeat_greedy(results_from_vllm_output(prompt, request_output, num_samples, f"prompt {i}"), params.n)
+            for i, (prompt, request_output) in enumerate(zip(prompts, outputs))
+        ]
 
     def open_stream(self):
         """Per-prompt requests into the running engine (add_request / step), returned as each
