@@ -76,15 +76,7 @@ def plot_runs(
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, ax, title, out / f"{name}.png"))
     if not written:
         raise UserError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
     return written
@@ -139,13 +131,17 @@ def plot_comparison(arms: dict[str, list[list[dict]]], out_dir: Path) -> list[Pa
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, ax, title, out_dir / f"{name}.png"))
     return written
+
+
+def _save_figure(plt, fig, ax, title: str, path: Path) -> Path:
+    """Label, lay out and write one per-step figure (both the run overlays and the comparison)."""
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
