@@ -60,6 +60,28 @@ def _label(a: int, b: int, rng: random.Random, error_rate: float) -> int:
     return correct_answer(a, b)
 
 
+def supervised_step(model, opt, sched, ids: list[list[int]], labels: list[list[int]], pad_id: int, device):
+    """One optimizer step of next-token loss on right-padded rows (label -100: not trained).
+    Shared by the warm starts of both demo tasks; returns the loss tensor."""
+    import torch  # lazily, like the rest of this module: `igrpo demo` with a cached asset needs no training
+
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id)
+    label_t = torch.full((len(ids), width), -100)
+    attn = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        label_t[i, : len(y)] = torch.tensor(y)
+        attn[i, : len(x)] = 1
+    loss = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), labels=label_t.to(device)).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) -> Path:
     """Train (or reuse) the warm-start model; returns its HF directory.
 
@@ -120,20 +142,7 @@ def warm_start(out_root: Path, cfg: WarmStartConfig, build_prompt, log=print) ->
             target = tok.encode(answer_text(_label(a, b, rng, cfg.mistake_rate)) + eos, add_special_tokens=False)
             ids.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_token_id)
-        label_t = torch.full((len(ids), width), -100)
-        attn = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, (x, y) in enumerate(zip(ids, labels)):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            label_t[i, : len(y)] = torch.tensor(y)
-            attn[i, : len(x)] = 1
-        loss = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), labels=label_t.to(device)).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = supervised_step(model, opt, sched, ids, labels, tok.pad_token_id, device)
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"[demo] warm start step {step + 1}/{cfg.steps}: loss {loss.item():.4f}")
     model.to("cpu").save_pretrained(tmp_dir, safe_serialization=True)

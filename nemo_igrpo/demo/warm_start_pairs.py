@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nemo_igrpo.demo.pairs import answer_text, problem_text
 from nemo_igrpo.demo.task import correct_answer, is_tricky, split_pairs, units_digit_mistake
-from nemo_igrpo.demo.warm_start import ASSETS
+from nemo_igrpo.demo.warm_start import ASSETS, supervised_step
 
 
 @dataclass(frozen=True)
@@ -101,20 +101,7 @@ def warm_start_pairs(out_root: Path, base_dir: Path, cfg: PairsWarmStartConfig, 
             )
             ids.append(prompt + target)
             labels.append([-100] * len(prompt) + target)
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tok.pad_token_id)
-        label_t = torch.full((len(ids), width), -100)
-        attn = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, (x, y) in enumerate(zip(ids, labels)):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            label_t[i, : len(y)] = torch.tensor(y)
-            attn[i, : len(x)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = supervised_step(model, opt, sched, ids, labels, tok.pad_token_id, "cpu")
         if step % 50 == 0 or step == cfg.steps - 1:
             log(f"[demo] warm start (max2) step {step + 1}/{cfg.steps}: loss {loss.item():.4f}")
     model.save_pretrained(tmp_dir, safe_serialization=True)
